@@ -1,0 +1,204 @@
+"""Notebook → report: run a notebook with papermill and export a standalone HTML.
+
+A beamline scientist turns a tutorial notebook into a report on a user's data::
+
+    tomoml report notebooks/01_reconstruction.ipynb -p n_angles 360 -o reports/
+
+The executed notebook and an HTML export that loads nothing from the network are
+written to the output folder; existing files are never overwritten (a numbered
+suffix is added) unless asked.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import yaml
+
+__all__ = ["ReportError", "Report", "notebook_parameters", "parse_value", "run_report", "export_html"]
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+
+
+class ReportError(RuntimeError):
+    """A report could not be produced; the message says which cell failed and why."""
+
+
+@dataclass
+class Report:
+    """Result of :func:`run_report`."""
+
+    notebook: Path
+    html: Path | None
+    parameters: dict = field(default_factory=dict)
+    ok: bool = True
+    error: str = ""
+
+
+def _check_notebook(notebook) -> Path:
+    nb_path = Path(notebook)
+    if not nb_path.is_file():
+        raise FileNotFoundError(f"notebook: {nb_path} does not exist")
+    if nb_path.suffix != ".ipynb":
+        raise ValueError(f"notebook: {nb_path.name} is not a .ipynb file")
+    return nb_path
+
+
+def notebook_parameters(notebook) -> dict:
+    """The parameters declared in the notebook's ``parameters`` cell, with defaults.
+
+    Returns
+    -------
+    dict
+        ``{name: {"default": str, "type": str, "help": str}}`` as papermill infers them.
+
+    Examples
+    --------
+    >>> sorted(notebook_parameters("notebooks/00_getting_started.ipynb"))   # doctest: +SKIP
+    ['phantom_shape', 'seed', 'viewer']
+    """
+    import papermill
+
+    nb_path = _check_notebook(notebook)
+    params = papermill.inspect_notebook(str(nb_path))
+    return {k: {"default": v.get("default"), "type": v.get("inferred_type_name"), "help": v.get("help", "")}
+            for k, v in params.items()}
+
+
+def parse_value(text: str):
+    """Parse a command-line parameter value: numbers, booleans, lists via YAML; else the string.
+
+    Examples
+    --------
+    >>> parse_value("3"), parse_value("0.5"), parse_value("true"), parse_value("[64, 64]")
+    (3, 0.5, True, [64, 64])
+    >>> parse_value("my_t0.tif")
+    'my_t0.tif'
+    """
+    if not isinstance(text, str):
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None and text.strip().lower() not in ("null", "none", "~", ""):
+        return text
+    if isinstance(value, str) and text.strip().lower() == "none":
+        return None
+    return value if not isinstance(value, (dict,)) else text
+
+
+def _free_path(path: Path, overwrite: bool) -> Path:
+    if overwrite or not path.exists():
+        return path
+    for i in range(1, 10_000):
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise ReportError(f"output_dir: too many reports named {path.stem}-N in {path.parent}")
+
+
+def run_report(notebook, parameters: dict | None = None, output_dir="reports", *, kernel: str = "python3",
+               html: bool = True, overwrite: bool = False, name: str | None = None,
+               timeout: float | None = None, progress: bool = True) -> Report:
+    """Execute ``notebook`` with ``parameters`` and write the executed notebook and HTML.
+
+    Parameters
+    ----------
+    notebook : str or Path
+        The notebook (its first code cell tagged ``parameters``).
+    parameters : dict, optional
+        Values injected after the parameters cell. Unknown names are an error that lists
+        the notebook's parameters.
+    output_dir : str or Path
+        Folder for ``<name>.ipynb`` and ``<name>.html`` (created if needed).
+    kernel : str
+        Jupyter kernel name.
+    html : bool
+        Also export standalone HTML (no CDN: widget state stripped, images embedded).
+    overwrite : bool
+        Replace existing report files instead of adding a numbered suffix.
+    name : str, optional
+        Base name of the outputs (default: the notebook's stem).
+    timeout : float, optional
+        Per-cell timeout in seconds.
+
+    Returns
+    -------
+    Report
+        Paths of the outputs; ``ok`` is False when a cell failed (then ``error`` holds the
+        failing cell's source and the error) — the files are still written, so the
+        failure can be read in context.
+
+    Examples
+    --------
+    >>> r = run_report("notebooks/00_getting_started.ipynb", {"seed": 1})   # doctest: +SKIP
+    >>> r.html                                                             # doctest: +SKIP
+    PosixPath('reports/00_getting_started.html')
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    nb_path = _check_notebook(notebook)
+    parameters = {k: parse_value(v) for k, v in (parameters or {}).items()}
+    declared = notebook_parameters(nb_path)
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        listing = "\n".join(f"  {k} = {v['default']}" for k, v in declared.items()) or "  (none)"
+        raise ValueError(f"parameters: unknown name(s) {', '.join(unknown)} for {nb_path.name}; "
+                         f"its parameters are:\n{listing}")
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = name or nb_path.stem
+    out_nb = _free_path(out_dir / f"{base}.ipynb", overwrite)
+    report = Report(notebook=out_nb, html=None, parameters=parameters)
+    try:
+        papermill.execute_notebook(str(nb_path), str(out_nb), parameters=parameters, kernel_name=kernel,
+                                   cwd=str(nb_path.parent.resolve()), progress_bar=progress,
+                                   execution_timeout=timeout, report_mode=False)
+    except PapermillExecutionError as exc:
+        report.ok = False
+        report.error = (f"cell {exc.cell_index} failed in {nb_path.name}:\n"
+                        f"----- cell source -----\n{exc.source}\n----- error -----\n{exc.ename}: {exc.evalue}")
+    if html and out_nb.exists():
+        html_path = out_nb.with_suffix(".html")
+        if html_path.exists() and not overwrite and html_path.stat().st_mtime > out_nb.stat().st_mtime:
+            html_path = _free_path(html_path, overwrite=False)
+        report.html = export_html(out_nb, html_path)
+    return report
+
+
+_REMOTE = re.compile(r"""(<script[^>]+src=["']https?://[^"']*["'][^>]*>\s*</script>)|(<link[^>]+href=["']https?://[^"']*["'][^>]*>)""",
+                     re.IGNORECASE)
+
+
+def export_html(notebook, html_path=None) -> Path:
+    """Export a notebook to standalone HTML that needs no network.
+
+    Widget state is dropped (it would load a widget manager from a CDN), images are
+    embedded, and no script or stylesheet is referenced by URL.
+
+    Examples
+    --------
+    >>> export_html("reports/00_getting_started.ipynb")    # doctest: +SKIP
+    PosixPath('reports/00_getting_started.html')
+    """
+    from nbconvert import HTMLExporter
+
+    nb_path = Path(notebook)
+    nb = nbformat.read(nb_path, as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            data.pop("application/vnd.jupyter.widget-view+json", None)
+            data.pop("application/vnd.jupyter.widget-state+json", None)
+    exporter = HTMLExporter(template_name="offline", extra_template_basedirs=[str(TEMPLATE_DIR)])
+    exporter.embed_images = True
+    body, _ = exporter.from_notebook_node(nb)
+    body = _REMOTE.sub("", body)
+    out = Path(html_path) if html_path is not None else nb_path.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
