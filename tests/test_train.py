@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tomoml_nb.train import fit, load_checkpoint, resolve_device
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+
+    def batches(step, rng):
+        i = torch.from_numpy(rng.integers(0, 128, 32))
+        return x[i], y[i]
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    return x, y, batches, loss_fn
+
+
+def test_fit_reduces_loss_and_validates():
+    x, y, batches, loss_fn = _problem()
+    model = torch.nn.Linear(3, 1)
+    hist = fit(model, batches, loss_fn, steps=150, lr=0.05, progress=False,
+               validate=lambda m: torch.nn.functional.mse_loss(m(x), y).item(), val_every=50)
+    assert hist["loss"][-1] < 0.1 * hist["loss"][0]
+    assert [s for s, _ in hist["val"]] == [50, 100, 150]
+    assert hist["val"][-1][1] < hist["val"][0][1]
+
+
+def test_fit_is_deterministic():
+    _, _, batches, loss_fn = _problem()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        m = torch.nn.Linear(3, 1)
+        runs.append(fit(m, batches, loss_fn, steps=20, progress=False, seed=3)["loss"])
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_checkpoint_and_resume(tmp_path):
+    _, _, batches, loss_fn = _problem()
+    ck = tmp_path / "ck.pt"
+    m = torch.nn.Linear(3, 1)
+    h = fit(m, batches, loss_fn, steps=30, progress=False, checkpoint=ck, checkpoint_every=10)
+    assert load_checkpoint(ck)["step"] == 30 and len(h["loss"]) == 30
+    m2 = torch.nn.Linear(3, 1)
+    h2 = fit(m2, batches, loss_fn, steps=50, progress=False, checkpoint=ck, resume=True)
+    assert h2["steps"] == 50 and len(h2["loss"]) == 50
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_bad_arguments():
+    _, _, batches, loss_fn = _problem()
+    with pytest.raises(ValueError, match="steps"):
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=0)
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu:7")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        load_checkpoint("/nonexistent/ck.pt")

@@ -1,0 +1,210 @@
+"""One small training loop for every network in tomoml_nb.
+
+Device choice, seeding, tqdm progress, validation, checkpoints and resume live here so
+the method modules only define a model, a batch sampler and a loss.
+
+Examples
+--------
+>>> import torch
+>>> from tomoml_nb.train import fit, seed_everything
+>>> seed_everything(0)
+>>> model = torch.nn.Linear(2, 1)
+>>> x = torch.randn(64, 2); y = x.sum(1, keepdim=True)
+>>> def batches(step, rng):
+...     i = torch.from_numpy(rng.integers(0, 64, 16))
+...     return x[i], y[i]
+>>> hist = fit(model, batches, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+...            steps=200, lr=0.05, progress=False)
+>>> hist["loss"][-1] < hist["loss"][0]
+True
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["resolve_device", "seed_everything", "fit", "save_checkpoint", "load_checkpoint"]
+
+
+def resolve_device(device="auto"):
+    """``"auto"`` → CUDA when available, else CPU; any torch device string otherwise.
+
+    Examples
+    --------
+    >>> str(resolve_device("cpu"))
+    'cpu'
+    """
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:0')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but no GPU is available; use device='auto' or 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) for reproducible training."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def save_checkpoint(path, model, optimizer=None, step: int = 0, history: dict | None = None, **extra) -> Path:
+    """Save model (and optimizer) state atomically: a crash never leaves a half-written file."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "step": step, "history": history or {}, **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model``/``optimizer``."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint: {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if model is not None:
+        model.load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: float = 1e-3,
+        weight_decay: float = 0.0, optimizer=None, scheduler: str | None = "cosine",
+        validate: Callable | None = None, val_every: int = 50, checkpoint=None, checkpoint_every: int = 100,
+        resume: bool = False, device="auto", seed: int = 0, progress: bool = True, desc: str = "training",
+        time_limit: float | None = None) -> dict:
+    """Train ``model`` for ``steps`` optimisation steps.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    batches : callable ``(step, rng) -> batch``
+        Returns one batch (tensors or tuples of tensors, on any device; moved to ``device``).
+    loss_fn : callable ``(model, batch) -> scalar tensor``
+    steps : int
+        Number of optimisation steps.
+    lr, weight_decay : float
+        AdamW settings (when ``optimizer`` is None).
+    scheduler : {"cosine", None}
+        Learning-rate schedule over ``steps``.
+    validate : callable ``(model) -> float``, optional
+        Evaluated every ``val_every`` steps and at the end (model in eval mode, no grad);
+        recorded in ``history["val"]``.
+    checkpoint : path, optional
+        Where to save ``{model, optimizer, step, history}`` every ``checkpoint_every`` steps
+        and at the end. With ``resume=True`` training continues from it when it exists.
+    device : str
+        ``"auto"`` picks CUDA when available.
+    time_limit : float, optional
+        Stop early after this many seconds (the history records where it stopped).
+
+    Returns
+    -------
+    dict
+        ``{"loss": [...], "val": [(step, value), ...], "steps": n_done, "seconds": t}``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ._validate import check_positive
+
+    check_positive(steps, "steps", integer=True)
+    check_positive(lr, "lr")
+    dev = resolve_device(device)
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    model.to(dev)
+    opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05) \
+        if scheduler == "cosine" else None
+    history = {"loss": [], "val": []}
+    start_step = 0
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint, model, opt, map_location=dev)
+        start_step = int(state.get("step", 0))
+        history = state.get("history") or history
+        if sched is not None:
+            for _ in range(start_step):
+                sched.step()
+        rng = np.random.default_rng([seed, start_step])
+
+    def to_dev(b):
+        if isinstance(b, torch.Tensor):
+            return b.to(dev, non_blocking=True)
+        if isinstance(b, (list, tuple)):
+            return type(b)(to_dev(x) for x in b)
+        if isinstance(b, dict):
+            return {k: to_dev(v) for k, v in b.items()}
+        return b
+
+    def run_validation(step):
+        if validate is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            value = float(validate(model))
+        model.train()
+        history["val"].append((step, value))
+
+    t0 = time.perf_counter()
+    model.train()
+    bar = tqdm(range(start_step, steps), desc=desc, disable=not progress, initial=start_step, total=steps)
+    step = start_step
+    for step in bar:
+        batch = to_dev(batches(step, rng))
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss: became {loss.item()} at step {step}; lower lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        history["loss"].append(float(loss.detach()))
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(history['loss'][-10:]):.4f}")
+        if validate is not None and (step + 1) % val_every == 0:
+            run_validation(step + 1)
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            save_checkpoint(checkpoint, model, opt, step + 1, history)
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            step += 1
+            break
+    else:
+        step = steps
+    bar.close()
+    if validate is not None and (not history["val"] or history["val"][-1][0] != step):
+        run_validation(step)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, model, opt, step, history)
+    model.eval()
+    history["steps"] = step
+    history["seconds"] = time.perf_counter() - t0
+    return history
