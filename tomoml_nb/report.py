@@ -10,6 +10,7 @@ suffix is added) unless asked.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,10 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
     base = name or nb_path.stem
     out_nb = _free_path(out_dir / f"{base}.ipynb", overwrite)
     report = Report(notebook=out_nb, html=None, parameters=parameters)
+    # The kernel inherits our environment: a headless MPLBACKEND (e.g. Agg in tests) would
+    # silently drop every figure from the report, so the kernel always gets the inline backend.
+    saved_backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
         papermill.execute_notebook(str(nb_path), str(out_nb), parameters=parameters, kernel_name=kernel,
                                    cwd=str(nb_path.parent.resolve()), progress_bar=progress,
@@ -162,6 +167,11 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
         report.ok = False
         report.error = (f"cell {exc.cell_index} failed in {nb_path.name}:\n"
                         f"----- cell source -----\n{exc.source}\n----- error -----\n{exc.ename}: {exc.evalue}")
+    finally:
+        if saved_backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = saved_backend
     if html and out_nb.exists():
         html_path = out_nb.with_suffix(".html")
         if html_path.exists() and not overwrite and html_path.stat().st_mtime > out_nb.stat().st_mtime:
