@@ -35,10 +35,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", action="append", help="benchmark name(s) to run")
     ap.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
+    ap.add_argument("--collect", action="store_true", help="run nothing; rebuild BENCHMARKS.md from results/")
     args = ap.parse_args(argv)
     scripts = sorted(p for p in HERE.glob("*.py") if p.name != "run_all.py" and not p.name.startswith("_"))
     if args.only:
         scripts = [p for p in scripts if p.stem in args.only]
+    if args.collect:
+        scripts = []
     RESULTS.mkdir(exist_ok=True)
     failed = []
     for script in scripts:
