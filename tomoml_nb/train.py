@@ -151,8 +151,12 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
         start_step = int(state.get("step", 0))
         history = state.get("history") or history
         if sched is not None:
-            for _ in range(start_step):
-                sched.step()
+            import warnings
+
+            with warnings.catch_warnings():  # fast-forwarding the schedule, not a misuse
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start_step):
+                    sched.step()
         rng = np.random.default_rng([seed, start_step])
 
     def to_dev(b):
