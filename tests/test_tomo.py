@@ -7,7 +7,6 @@ through ``tomoml_nb.data.load`` and are skipped when it is absent.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -274,16 +273,11 @@ def test_find_center_simulated_360_uses_opposite_projections(phantom):
 
 
 @needs_tooth
-def test_find_center_tooth_matches_bruteforce_and_is_fast(tooth_sino):
+def test_find_center_tooth_matches_bruteforce(tooth_sino):
+    # Speed ("well under a second") is measured in benchmarks/reconstruction.py, not asserted here.
     sino, th = tooth_sino
     assert sino.shape == (181, 640)
-    tomo.find_center(sino, th)  # warm-up (first torch calls)
-    times, found = [], None
-    for _ in range(3):
-        t0 = time.perf_counter()
-        found = tomo.find_center(sino, th)
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 1.0, times
+    found = tomo.find_center(sino, th)
     # brute force: full-resolution FBP at each trial centre, histogram entropy (fixed range)
     ref = tomo.reconstruct(sino, th, center=found)
     lo, hi = np.percentile(ref[tomo._circle_mask(640)], [0.5, 99.5])
