@@ -45,11 +45,8 @@ True
 """
 from __future__ import annotations
 
-import glob
 import math
 import numbers
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -58,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .train import limit_cpu_threads as _threads
 from ._validate import as_array, check_choice, check_positive, rng_from
 
 __all__ = [
@@ -174,49 +172,6 @@ def _angle_chunk(dev, per_angle):
     hide the per-call overhead, small enough to stay in cache), about 2^24 on GPU."""
     budget = 2 ** 18 if dev.type == "cpu" else 2 ** 24
     return max(1, min(512, int(budget // max(per_angle, 1))))
-
-
-def _free_cpus():
-    """Cores not busy with other processes right now (Linux run queue), at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        with open("/proc/loadavg", encoding="ascii") as fh:
-            running = int(fh.read().split()[3].split("/")[0])
-        own = 0  # our own runnable threads (this one, spinning OpenMP workers) are not "others"
-        for stat in glob.glob(f"/proc/{os.getpid()}/task/*/stat"):
-            try:
-                with open(stat, encoding="ascii", errors="replace") as fh:
-                    own += fh.read().rsplit(")", 1)[1].split()[0] == "R"
-            except (OSError, IndexError):
-                pass
-    except (OSError, ValueError, IndexError):
-        return n
-    return max(1, n - max(running - own, 0))
-
-
-@contextmanager
-def _threads(dev):
-    """Run torch CPU work with no more intra-op threads than there are idle cores.
-
-    The projector issues thousands of small operations; when the cores are shared with
-    other processes, OpenMP threads waiting for each other at every operation make it
-    10-20x slower than one thread (measured on a 2-core machine), so we step down.
-    """
-    if dev.type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    new = min(old, _free_cpus())
-    if new != old:
-        torch.set_num_threads(new)
-    try:
-        yield
-    finally:
-        if new != old:
-            torch.set_num_threads(old)
 
 
 def _backproject(q, angles, N, center, circle=True):

@@ -1,0 +1,106 @@
+"""Train the shipped mixed-scale dense (MSD) denoisers for bone-implant micro-CT slices.
+
+Writes ``tomoml_nb/weights/msd_bone_implant.pt`` (supervised: low-dose FBP -> ground truth)
+and ``tomoml_nb/weights/msd_n2i_bone_implant.pt`` (Noise2Inverse, K=2: trained on the same
+low-dose scans *without* their ground truth), each with a JSON summary beside it used for
+the model card (``tomoml_nb/weights/msd_*.md``).
+
+Data (all synthetic, deterministic): ``phantoms.bone_implant((16, 128, 128), seed=s,
+noise=0, rings=0, degradation=d)`` for training seeds 100-105 (degradation 0.2/0.5/0.8),
+scanned with ``denoise.simulate_low_dose`` (360 angles over 180 degrees, peak line
+integral 2) at flux 500 / 1000 / 2000 counts per pixel (two volumes each). Validation:
+seed 200, flux 1000. The benchmark (benchmarks/denoise_phase.py) tests on seeds 10-11,
+which no script here touches.
+
+Usage (the shipped weights were made with the first two commands, run for each model in
+parallel; see the model cards for times)::
+
+    python scripts/train_msd.py --steps 1000        # both models from scratch
+    python scripts/train_msd.py --steps 1500 --init # continue both (warm restart)
+    python scripts/train_msd.py --which supervised --steps 3000
+    python scripts/train_msd.py --quick             # 30 steps, writes to /tmp, for testing the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tomoml_nb import denoise as dn
+from tomoml_nb.phantoms import bone_implant
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "tomoml_nb" / "weights"
+TRAIN = [(100, 0.2, 500.0), (101, 0.5, 1000.0), (102, 0.8, 2000.0),
+         (103, 0.5, 500.0), (104, 0.8, 1000.0), (105, 0.2, 2000.0)]
+VAL = (200, 0.5, 1000.0)
+SHAPE = (16, 128, 128)
+
+
+def scan(seed, degradation, flux):
+    vol = bone_implant(SHAPE, seed=seed, noise=0.0, rings=0.0, degradation=degradation).image
+    return dn.simulate_low_dose(vol, n_angles=360, flux=flux, seed=seed + 7)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--which", choices=("supervised", "n2i", "both"), default="both")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--depth", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="30 steps, output to /tmp/tomoml_msd_quick")
+    ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--init", action="store_true",
+                    help="continue from the weights already in --out (a warm restart of the cosine schedule)")
+    args = ap.parse_args(argv)
+    steps = 30 if args.quick else args.steps
+    out_dir = Path("/tmp/tomoml_msd_quick") if args.quick else args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    train = [scan(*p) for p in TRAIN]
+    val = scan(*VAL)
+    print(f"simulated {len(train)} training scans in {time.perf_counter() - t0:.0f} s", flush=True)
+    mask = val["mask"]
+    base = dn.evaluate(val["reconstruction"], val["truth"], mask=mask)
+
+    if args.which in ("supervised", "both"):
+        X = np.concatenate([d["reconstruction"] for d in train])
+        Y = np.concatenate([d["truth"] for d in train])
+        t = time.perf_counter()
+        init = dn.Denoiser.load(out_dir / "msd_bone_implant.pt") if args.init else None
+        model = dn.train_supervised(X, Y, model=init, depth=args.depth, steps=steps, seed=args.seed,
+                                    validation=(val["reconstruction"][::4], val["truth"][::4]))
+        secs = time.perf_counter() - t
+        m = dn.evaluate(model(val["reconstruction"], progress=False), val["truth"], mask=mask)
+        model.info.update(train_seconds=round(secs, 1), val_psnr=round(m["psnr"], 2), val_ssim=round(m["ssim"], 4))
+        model.save(out_dir / "msd_bone_implant.pt")
+        summary = {"strategy": "supervised", "steps": steps, "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
+                   "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
+        (out_dir / "msd_bone_implant.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary), flush=True)
+
+    if args.which in ("n2i", "both"):
+        # stack every training scan's projections as extra detector rows: one Noise2Inverse run,
+        # no ground truth involved
+        P = np.concatenate([d["projections"] for d in train], axis=1)
+        t = time.perf_counter()
+        init = dn.Denoiser.load(out_dir / "msd_n2i_bone_implant.pt") if args.init else None
+        _, model = dn.noise2inverse(P, train[0]["angles"], 2, model=init, depth=args.depth, steps=steps,
+                                    seed=args.seed, return_model=True)
+        secs = time.perf_counter() - t
+        subs = dn.split_reconstructions(val["projections"], val["angles"], 2)
+        pred = np.mean([model(subs[1 - j], progress=False) for j in range(2)], axis=0)
+        m = dn.evaluate(pred, val["truth"], mask=mask)
+        model.info.update(train_seconds=round(secs, 1), val_psnr=round(m["psnr"], 2), val_ssim=round(m["ssim"], 4))
+        model.save(out_dir / "msd_n2i_bone_implant.pt")
+        summary = {"strategy": "noise2inverse K=2", "steps": steps, "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
+                   "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
+        (out_dir / "msd_n2i_bone_implant.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Tests for tomoml_nb.denoise and the MSD network."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tomoml_nb import denoise as dn
+from tomoml_nb import tomo
+from tomoml_nb.models.msd import MSDNet, _DilatedLayer
+
+
+def _pair(n=3, size=48, sigma=0.25, seed=0):
+    rng = np.random.default_rng(seed)
+    clean = np.zeros((n, size, size), np.float32)
+    for i in range(n):
+        r0, c0 = rng.integers(4, size // 2, 2)
+        clean[i, r0:r0 + size // 3, c0:c0 + size // 4] = 1.0
+        clean[i, size // 2:size // 2 + 6, 5:size - 5] = 0.5
+    noisy = clean + sigma * rng.standard_normal(clean.shape).astype(np.float32)
+    return noisy, clean
+
+
+# ------------------------------------------------------------------------------ MSD network
+def test_msd_dilations_cycle_and_dense_connectivity():
+    net = MSDNet(depth=12, max_dilation=10)
+    assert [layer.dilation for layer in net.layers] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
+    assert [layer.in_channels for layer in net.layers] == list(range(1, 13))   # all previous maps
+    assert net.final.in_channels == 13 and net.final.kernel_size == (1, 1)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate"])
+def test_dilated_layer_equals_conv2d(mode):
+    layer = _DilatedLayer(4, 2, 3, mode).double()
+    conv = torch.nn.Conv2d(4, 2, 3, padding=3, dilation=3, padding_mode=mode).double()
+    conv.weight.data.copy_(layer.weight.data)
+    conv.bias.data.copy_(layer.bias.data)
+    x = torch.randn(2, 4, 15, 17, dtype=torch.double, requires_grad=True)
+    y1, y2 = layer(x), conv(x)
+    assert torch.allclose(y1, y2, atol=1e-10)
+    g = torch.randn_like(y1)
+    gx1, gw1, gb1 = torch.autograd.grad(y1, (x, layer.weight, layer.bias), g)
+    gx2, gw2, gb2 = torch.autograd.grad(y2, (x, conv.weight, conv.bias), g)
+    assert torch.allclose(gx1, gx2, atol=1e-10) and torch.allclose(gw1, gw2, atol=1e-9)
+    assert torch.allclose(gb1, gb2, atol=1e-10)
+
+
+def test_msd_identity_at_init_and_checkpoint_same_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 24, 24)
+    net = MSDNet(depth=6)
+    assert torch.allclose(net(x), x)
+    net.final.weight.data.normal_()
+    net.train()
+    g = []
+    for ck in (False, True):
+        net.checkpoint = ck
+        net.zero_grad()
+        net(x).square().mean().backward()
+        g.append(net.layers[0].weight.grad.clone())
+    assert torch.allclose(g[0], g[1], atol=1e-6)
+
+
+def test_msd_bad_inputs():
+    with pytest.raises(ValueError, match="depth"):
+        MSDNet(depth=0)
+    with pytest.raises(ValueError, match="padding_mode"):
+        MSDNet(padding_mode="circular")
+    with pytest.raises(ValueError, match="x:"):
+        MSDNet(depth=3)(torch.zeros(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="x:"):
+        MSDNet(depth=10, max_dilation=10)(torch.zeros(1, 1, 8, 8))
+
+
+# ------------------------------------------------------------------------------ supervised
+def test_supervised_msd_beats_noisy_input_on_held_out_slices():
+    noisy, clean = _pair(6, seed=0)
+    test_noisy, test_clean = _pair(2, seed=1)            # different seed: held out
+    model = dn.train_supervised(noisy, clean, depth=10, steps=120, patch=32, batch=4, lr=3e-3, progress=False)
+    out = model(test_noisy, progress=False)
+    before = dn.evaluate(test_noisy, test_clean)["psnr"]
+    after = dn.evaluate(out, test_clean)["psnr"]
+    assert after > before + 3.0, (before, after)
+
+
+def test_denoiser_save_load_roundtrip_and_tiling(tmp_path):
+    noisy, clean = _pair(2)
+    model = dn.train_supervised(noisy, clean, depth=4, steps=3, patch=32, progress=False)
+    path = model.save(tmp_path / "m.pt")
+    again = dn.Denoiser.load(path)
+    a = dn.denoise(noisy, model, progress=False)
+    b = dn.denoise(noisy, again, progress=False)
+    assert np.allclose(a, b, atol=1e-6)
+    tiled = dn.denoise(noisy, again, tile=32, overlap=16, progress=False)   # 48 > 32: tiled path
+    assert tiled.shape == noisy.shape
+    assert np.abs(tiled - a).mean() < 0.05 * np.abs(a).mean() + 1e-3
+
+
+def test_train_is_deterministic():
+    noisy, clean = _pair(2)
+    a = dn.train_supervised(noisy, clean, depth=4, steps=5, patch=32, seed=3, progress=False)
+    b = dn.train_supervised(noisy, clean, depth=4, steps=5, patch=32, seed=3, progress=False)
+    assert np.array_equal(a(noisy, progress=False), b(noisy, progress=False))
+
+
+def test_supervised_bad_inputs():
+    noisy, clean = _pair(2)
+    with pytest.raises(ValueError, match="clean"):
+        dn.train_supervised(noisy, clean[:1], steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        dn.train_supervised(noisy, clean, steps=0)
+    with pytest.raises(ValueError, match="noisy"):
+        dn.train_supervised(np.zeros((4,)), np.zeros((4,)))
+    with pytest.raises(TypeError, match="model"):
+        dn.denoise(noisy, "not a model")
+
+
+# ------------------------------------------------------------------------------ Noise2Inverse
+def _scan(n_angles=128, N=48, seed=0):
+    img = np.zeros((N, N), np.float32)
+    img[10:38, 12:36] = 1.0
+    img[18:26, 18:30] = 2.0
+    sim = dn.simulate_low_dose(img, n_angles=n_angles, flux=300, seed=seed)
+    return sim
+
+
+def test_split_reconstructions_are_unbiased_and_independent():
+    sim = _scan()
+    subs = dn.split_reconstructions(sim["projections"], sim["angles"], 4)
+    assert subs.shape == (4, 1, 48, 48)
+    m = sim["mask"]
+    full = tomo.reconstruct(sim["projections"], sim["angles"])
+    assert np.allclose(subs.mean(0)[0][m], full[m], atol=0.05 * np.abs(full).max())
+    noise = subs[:, 0][:, m] - sim["truth"][m]
+    c = np.corrcoef(noise[0], noise[1])[0, 1]
+    assert abs(c) < 0.3
+
+
+def test_noise2inverse_denoises_without_clean_data():
+    sim = _scan()
+    out, model = dn.noise2inverse(sim["projections"], sim["angles"], 2, depth=10, steps=120, patch=32,
+                                  lr=3e-3, progress=False, return_model=True)
+    assert out.shape == (48, 48)
+    assert isinstance(model, dn.Denoiser)
+    m = sim["mask"]
+    before = dn.evaluate(sim["reconstruction"], sim["truth"], mask=m)["psnr"]
+    after = dn.evaluate(out, sim["truth"], mask=m)["psnr"]
+    assert after > before + 2.0, (before, after)
+
+
+def test_noise2inverse_accepts_projection_stacks():
+    sim = dn.simulate_low_dose(np.ones((2, 32, 32), np.float32), n_angles=32, flux=1000)
+    assert sim["projections"].shape == (32, 2, 32)
+    out = dn.noise2inverse(sim["projections"], sim["angles"], 4, depth=3, steps=2, patch=16, progress=False)
+    assert out.shape == (2, 32, 32)
+
+
+def test_noise2inverse_bad_inputs():
+    sim = _scan(n_angles=16)
+    with pytest.raises(ValueError, match="angles"):
+        dn.noise2inverse(sim["projections"], sim["angles"][:-1], 2, steps=1)
+    with pytest.raises(ValueError, match="n_splits"):
+        dn.noise2inverse(sim["projections"], sim["angles"], 1, steps=1)
+    with pytest.raises(ValueError, match="n_splits"):
+        dn.split_reconstructions(sim["projections"], sim["angles"], 10)
+    with pytest.raises(ValueError, match="projections"):
+        dn.noise2inverse(np.zeros(5), sim["angles"], 2)
+
+
+# ------------------------------------------------------------------------------ classical
+def test_classical_filters_and_tuning_on_validation():
+    noisy, clean = _pair(2, sigma=0.3)
+    for method in ("gaussian", "median", "nlm"):
+        best = dn.tune_classical(noisy, clean, method)
+        assert best["strength"] in best["grid"]
+        assert best["psnr"] == max(best["scores"])
+        assert best["psnr"] > dn.evaluate(noisy, clean)["psnr"]
+    with pytest.raises(ValueError, match="method"):
+        dn.classical_filter(noisy, "wiener")
+    with pytest.raises(ValueError, match="strength"):
+        dn.classical_filter(noisy, "gaussian", -1)
+    with pytest.raises(ValueError, match="grid"):
+        dn.tune_classical(noisy, clean, "gaussian", grid=())
+
+
+def test_bm3d_optional():
+    noisy, _ = _pair(1)
+    if "bm3d" in dn.classical_methods():
+        assert dn.classical_filter(noisy[0], "bm3d", 1.0).shape == noisy[0].shape
+    else:
+        with pytest.raises(ImportError, match="bm3d"):
+            dn.classical_filter(noisy, "bm3d", 1.0)
+
+
+def test_simulate_low_dose_bad_inputs():
+    with pytest.raises(ValueError, match="volume"):
+        dn.simulate_low_dose(np.ones((16, 20)))
+    with pytest.raises(ValueError, match="flux"):
+        dn.simulate_low_dose(np.ones((16, 16)), flux=0)
+    with pytest.raises(ValueError, match="volume"):
+        dn.simulate_low_dose(np.zeros((16, 16)))
+
+
+# ------------------------------------------------------------------------------ shipped weights
+@pytest.mark.parametrize("name", ["msd_bone_implant", "msd_n2i_bone_implant"])
+def test_shipped_weights_denoise_a_held_out_phantom(name):
+    from tomoml_nb.phantoms import bone_implant
+
+    model = dn.load_pretrained(name)
+    assert model.net.config["depth"] == 30
+    vol = bone_implant((16, 128, 128), seed=42, noise=0.0, rings=0.0).image   # seed unused in training
+    sim = dn.simulate_low_dose(vol[6:10], n_angles=360, flux=1000, seed=42)
+    before = dn.evaluate(sim["reconstruction"], sim["truth"], mask=sim["mask"])["psnr"]
+    after = dn.evaluate(model(sim["reconstruction"], progress=False), sim["truth"], mask=sim["mask"])["psnr"]
+    assert after > before + 4.0, (before, after)
+
+
+def test_load_pretrained_unknown_name():
+    with pytest.raises(ValueError, match="name"):
+        dn.load_pretrained("msd_nonexistent")

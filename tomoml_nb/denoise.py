@@ -1,0 +1,817 @@
+"""Denoising of tomographic reconstructions: mixed-scale dense networks, supervised and
+self-supervised (Noise2Inverse), beside the classical filters.
+
+* :func:`train_supervised` -- an MSD network (Pelt & Sethian 2018) trained on pairs of
+  noisy and clean slices;
+* :func:`noise2inverse` -- no clean data at all (Hendriksen, Pelt & Batenburg 2020): the
+  projections are split by angle into ``K`` subsets, each is reconstructed on its own,
+  and a network learns to predict one sub-reconstruction from the mean of the others
+  (the "X:1" strategy). Noise in different subsets is independent, so the best such
+  prediction is the *noise-free* reconstruction; at inference the predictions for all
+  ``K`` splits are averaged;
+* :func:`denoise` -- apply a trained model slice by slice (tiled when large);
+* :func:`classical_filter`, :func:`tune_classical` -- Gaussian, median, non-local means
+  (scikit-image) and, when the optional ``bm3d`` package is installed, BM3D, each with
+  its strength chosen on validation data;
+* :func:`simulate_low_dose` -- a low-dose scan of a known object, reconstructed with FBP,
+  for tutorials and benchmarks with ground truth.
+
+Conventions: volumes ``(z, y, x)`` are denoised as independent 2D ``(y, x)`` slices;
+projections are ``(n_angles, n_rows, n_det)``, a single sinogram ``(n_angles, n_det)``;
+angles in radians.
+
+Examples
+--------
+>>> import numpy as np
+>>> from tomoml_nb import denoise as dn
+>>> rng = np.random.default_rng(0)
+>>> clean = np.zeros((4, 48, 48), np.float32); clean[:, 12:36, 16:30] = 1
+>>> noisy = clean + 0.3 * rng.standard_normal(clean.shape).astype(np.float32)
+>>> model = dn.train_supervised(noisy, clean, depth=8, steps=30, patch=32, progress=False)
+>>> dn.denoise(noisy, model, progress=False).shape
+(4, 48, 48)
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .train import limit_cpu_threads as _threads
+from ._validate import as_array, check_choice, check_positive, check_same_shape
+
+__all__ = [
+    "Denoiser", "train_supervised", "noise2inverse", "denoise", "split_reconstructions",
+    "classical_filter", "tune_classical", "classical_methods", "CLASSICAL", "DEFAULT_GRIDS",
+    "simulate_low_dose", "load_pretrained", "evaluate",
+]
+
+CLASSICAL = ("gaussian", "median", "nlm", "bm3d")
+
+# strength grids searched by tune_classical (in units of the data's noise where relevant)
+DEFAULT_GRIDS = {
+    "gaussian": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0),            # sigma, pixels
+    "median": (3, 5, 7, 9),                                              # window size, pixels
+    "nlm": (0.4, 0.6, 0.8, 1.0, 1.3, 1.7),                               # h / estimated noise sigma
+    "bm3d": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0),                             # sigma_psd / estimated sigma
+}
+_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+# =============================================================================== helpers
+def _as_slices(volume, name):
+    """Validate an image (y, x) or volume (z, y, x); return float32 (z, y, x) and was_2d."""
+    arr = as_array(volume, name, ndim=(2, 3))
+    if min(arr.shape[-2:]) < 8:
+        raise ValueError(f"{name}: slices must be at least 8 x 8 pixels, got {arr.shape}")
+    was_2d = arr.ndim == 2
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    return (arr[None] if was_2d else arr), was_2d
+
+
+def _check_int(value, name, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class Denoiser:
+    """A trained denoising network together with the intensity normalisation it expects.
+
+    Calling it denoises a 2D image or a 3D volume slice by slice (see :func:`denoise`).
+
+    Attributes
+    ----------
+    net : torch.nn.Module
+        The network (an :class:`~tomoml_nb.models.msd.MSDNet`), input/output one channel.
+    offset, scale : float
+        Inputs are mapped to ``(x - offset) / scale`` and outputs back.
+    history : dict
+        Training history from :func:`tomoml_nb.train.fit`.
+    info : dict
+        How it was trained (strategy, steps, seconds...).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tomoml_nb.models.msd import MSDNet
+    >>> d = Denoiser(MSDNet(depth=4), offset=0.0, scale=1.0)
+    >>> d(np.ones((16, 16), np.float32), progress=False).shape
+    (16, 16)
+    """
+
+    net: object
+    offset: float
+    scale: float
+    history: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __call__(self, volume, **kwargs):
+        return denoise(volume, self, **kwargs)
+
+    def save(self, path):
+        """Save weights, architecture and normalisation to ``path`` (a ``.pt`` file)."""
+        import torch
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                 "config": dict(self.net.config), "offset": float(self.offset), "scale": float(self.scale),
+                 "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list, tuple))}}
+        torch.save(state, path)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Load a :class:`Denoiser` written by :meth:`save`.
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> from tomoml_nb.models.msd import MSDNet
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.pt")
+        >>> _ = Denoiser(MSDNet(depth=3), 0.1, 2.0).save(p)
+        >>> Denoiser.load(p).scale
+        2.0
+        """
+        import torch
+
+        from .models.msd import MSDNet
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        net = MSDNet(**state["config"])
+        net.load_state_dict(state["model"])
+        net.eval()
+        return cls(net, float(state["offset"]), float(state["scale"]), {}, dict(state.get("info", {})))
+
+
+def load_pretrained(name="msd_bone_implant"):
+    """Load a denoiser shipped with the package (see ``tomoml_nb/weights/<name>.md``).
+
+    Parameters
+    ----------
+    name : str
+        Weights file stem in ``tomoml_nb/weights``.
+
+    Returns
+    -------
+    Denoiser
+
+    Examples
+    --------
+    >>> model = load_pretrained()                      # doctest: +SKIP
+    >>> model.net.config["depth"]                      # doctest: +SKIP
+    50
+    """
+    path = _WEIGHTS_DIR / f"{name}.pt"
+    if not path.is_file():
+        avail = sorted(p.stem for p in _WEIGHTS_DIR.glob("msd_*.pt"))
+        raise ValueError(f"name: no shipped weights {name!r}; available: {avail}")
+    return Denoiser.load(path)
+
+
+# =============================================================================== training
+def _make_net(depth, width, max_dilation, model):
+    from .models.msd import MSDNet
+
+    if model is not None:
+        if isinstance(model, Denoiser):
+            return model.net
+        if not hasattr(model, "config"):
+            raise TypeError("model: expected an MSDNet or a Denoiser to start from")
+        return model
+    return MSDNet(1, 1, depth=_check_int(depth, "depth", 1), width=_check_int(width, "width", 1),
+                  max_dilation=_check_int(max_dilation, "max_dilation", 1))
+
+
+def _augment(x, y, rng):
+    """Same random flip / 90-degree rotation of input and target patches (numpy)."""
+    k = int(rng.integers(4))
+    if k:
+        x, y = np.rot90(x, k, axes=(-2, -1)), np.rot90(y, k, axes=(-2, -1))
+    if rng.random() < 0.5:
+        x, y = x[..., ::-1], y[..., ::-1]
+    return x, y
+
+
+def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation, steps, patch, batch, lr,
+               val, device, seed, progress, time_limit, desc, strategy):
+    """Train an MSD net on patches of (input, target) slice pairs.
+
+    ``inputs``/``targets`` are float32 (n, y, x) (already normalised); ``pair_index`` maps
+    sample i to (input slice, target slice) -- used by Noise2Inverse, where one input slice
+    pairs with one target slice of the same split.
+    """
+    import torch
+
+    from .train import fit, seed_everything
+
+    seed_everything(seed)  # the network's initial weights depend on the seed too
+    net = _make_net(depth, width, max_dilation, model)
+    n, H, W = inputs.shape
+    p = min(patch, H, W)
+    if p <= max(getattr(net, "dilations", [1])):
+        raise ValueError(f"patch: {patch} (clipped to the slice size {min(H, W)}) must exceed the largest "
+                         f"dilation {max(net.dilations)}")
+
+    def batches(step, rng):
+        xs, ys = [], []
+        for _ in range(batch):
+            i = int(rng.integers(len(pair_index)))
+            a, b = pair_index[i]
+            r0, c0 = int(rng.integers(H - p + 1)), int(rng.integers(W - p + 1))
+            x = inputs[a, r0:r0 + p, c0:c0 + p]
+            y = targets[b, r0:r0 + p, c0:c0 + p]
+            x, y = _augment(x, y, rng)
+            xs.append(np.ascontiguousarray(x))
+            ys.append(np.ascontiguousarray(y))
+        return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    validate = None
+    if val is not None:
+        vx, vy = val
+
+        def validate(m):
+            dev = next(m.parameters()).device
+            out = m(torch.from_numpy(vx[:, None]).to(dev)).cpu().numpy()[:, 0]
+            return float(np.mean((out - vy) ** 2))
+
+    with _threads():
+        hist = fit(net, batches, loss_fn, steps=steps, lr=lr, device=device, seed=seed, progress=progress,
+                   desc=desc, validate=validate, val_every=max(steps // 5, 1), time_limit=time_limit)
+    net.cpu().eval()
+    return net, hist
+
+
+def _norm_stats(x):
+    x = np.asarray(x, np.float64)
+    scale = float(x.std())
+    return float(x.mean()), (scale if scale > 0 else 1.0)
+
+
+def train_supervised(noisy, clean, *, model=None, depth=50, width=1, max_dilation=10, steps=500, patch=64,
+                     batch=4, lr=2e-3, validation=None, device="auto", seed=0, progress=True, time_limit=None):
+    """Train a mixed-scale dense network to map noisy slices to clean ones.
+
+    Parameters
+    ----------
+    noisy, clean : array_like, shape (y, x) or (n, y, x)
+        Training pairs, e.g. low-dose reconstructions and the ground truth (or high-dose
+        reconstructions). Each slice is one 2D training image.
+    model : MSDNet or Denoiser, optional
+        Start from this network (fine-tuning, e.g. :func:`load_pretrained`); its
+        normalisation is kept when it is a :class:`Denoiser`.
+    depth, width, max_dilation : int
+        MSD architecture when ``model`` is None (dilations cycle 1..max_dilation).
+    steps, patch, batch, lr : int, int, int, float
+        Optimisation steps, square patch size, patches per step, AdamW learning rate
+        (cosine-decayed).
+    validation : tuple (noisy_val, clean_val), optional
+        Held-out slices; their MSE is recorded in ``history["val"]``.
+    device : str
+        ``"auto"`` uses CUDA when available.
+    seed : int
+        Seeds weights, patch sampling and augmentation.
+    progress : bool
+        Show a tqdm bar.
+    time_limit : float, optional
+        Stop after this many seconds.
+
+    Returns
+    -------
+    Denoiser
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(1)
+    >>> clean = np.zeros((2, 40, 40), np.float32); clean[:, 10:30, 10:30] = 1
+    >>> noisy = clean + 0.2 * rng.standard_normal(clean.shape).astype(np.float32)
+    >>> m = train_supervised(noisy, clean, depth=6, steps=20, patch=24, progress=False)
+    >>> m.info["strategy"]
+    'supervised'
+    """
+    x, _ = _as_slices(noisy, "noisy")
+    y, _ = _as_slices(clean, "clean")
+    check_same_shape(x, y, "noisy", "clean")
+    steps = check_positive(steps, "steps", integer=True)
+    patch = _check_int(patch, "patch", 8)
+    batch = _check_int(batch, "batch", 1)
+    check_positive(lr, "lr")
+    if isinstance(model, Denoiser):
+        offset, scale = model.offset, model.scale
+    else:
+        offset, scale = _norm_stats(x)
+    xn, yn = (x - offset) / scale, (y - offset) / scale
+    val = None
+    if validation is not None:
+        vx, _ = _as_slices(validation[0], "validation")
+        vy, _ = _as_slices(validation[1], "validation")
+        check_same_shape(vx, vy, "validation[0]", "validation[1]")
+        val = ((vx - offset) / scale, (vy - offset) / scale)
+    pairs = [(i, i) for i in range(len(x))]
+    net, hist = _fit_pairs(xn, yn, pair_index=pairs, model=model, depth=depth, width=width,
+                           max_dilation=max_dilation, steps=steps, patch=patch, batch=batch, lr=lr, val=val,
+                           device=device, seed=seed, progress=progress, time_limit=time_limit,
+                           desc="MSD supervised", strategy="supervised")
+    info = {"strategy": "supervised", "steps": hist["steps"], "seconds": hist["seconds"], "patch": patch,
+            "batch": batch, "lr": lr, "seed": seed, "n_slices": len(x)}
+    return Denoiser(net, offset, scale, hist, info)
+
+
+def _as_projections(projections, angles):
+    """Return sinograms (n_rows, n_angles, n_det) float32, angles (float64), was_2d."""
+    arr = as_array(projections, "projections", ndim=(2, 3))
+    was_2d = arr.ndim == 2
+    sino = arr[None] if was_2d else np.transpose(arr, (1, 0, 2))
+    ang = as_array(angles, "angles", ndim=1).astype(np.float64)
+    if ang.size != sino.shape[1]:
+        raise ValueError(f"angles: has {ang.size} values but projections have {sino.shape[1]} angles "
+                         f"(expected (n_angles, n_det) or (n_angles, n_rows, n_det))")
+    return np.ascontiguousarray(sino, dtype=np.float32), ang, was_2d
+
+
+def _reconstruct(stack, angles, **kw):
+    """``tomo.reconstruct`` for a sinogram stack (n_rows, n_angles, n_det); always returns 3D."""
+    from . import tomo
+
+    if stack.shape[0] == 1:
+        return tomo.reconstruct(stack[0], angles, **kw)[None]
+    return tomo.reconstruct(stack, angles, **kw)
+
+
+def split_reconstructions(projections, angles, n_splits=2, *, center=None, method="fbp", filter="ramp",
+                          n_iter=100, device="auto"):
+    """Reconstruct ``n_splits`` disjoint angular subsets separately (Noise2Inverse's data).
+
+    Subset ``j`` holds angles ``j, j + K, j + 2K, ...`` (interleaved), so every subset
+    covers the full angular range evenly and its reconstruction has the full scale; its
+    noise is independent of the other subsets'.
+
+    Parameters
+    ----------
+    projections : array_like, shape (n_angles, n_det) or (n_angles, n_rows, n_det)
+        Line integrals (``tomo.minus_log(tomo.normalize(...))``).
+    angles : array_like, shape (n_angles,)
+        Radians.
+    n_splits : int
+        Number of subsets ``K`` (2 or 4 are usual).
+    center, method, filter, n_iter, device
+        Passed to :func:`tomoml_nb.tomo.reconstruct`.
+
+    Returns
+    -------
+    ndarray, float32, shape (K, n_rows, N, N)
+        One reconstruction per subset (``n_rows = 1`` for a single sinogram).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tomoml_nb import tomo
+    >>> img = np.zeros((32, 32), np.float32); img[8:24, 10:20] = 1
+    >>> th = np.linspace(0, np.pi, 64, endpoint=False)
+    >>> split_reconstructions(tomo.forward_project(img, th), th, 4).shape
+    (4, 1, 32, 32)
+    """
+    sino, ang, _ = _as_projections(projections, angles)
+    K = _check_int(n_splits, "n_splits", 2)
+    if sino.shape[1] < 2 * K:
+        raise ValueError(f"n_splits: {K} subsets of {sino.shape[1]} angles leave fewer than 2 angles each")
+    recs = [_reconstruct(np.ascontiguousarray(sino[:, j::K]), ang[j::K], center=center, method=method,
+                         filter=filter, n_iter=n_iter, device=device) for j in range(K)]
+    return np.stack(recs).astype(np.float32)
+
+
+def noise2inverse(projections, angles, n_splits=2, *, center=None, method="fbp", filter="ramp", n_iter=100,
+                  model=None, depth=50, width=1, max_dilation=10, steps=500, patch=64, batch=4, lr=2e-3,
+                  device="auto", seed=0, progress=True, time_limit=None, return_model=False):
+    """Self-supervised denoising of a tomogram from its own projections (Noise2Inverse).
+
+    The projections are split by angle into ``K = n_splits`` interleaved subsets, each
+    subset is reconstructed (:func:`split_reconstructions`), and an MSD network is
+    trained to predict sub-reconstruction ``j`` from the mean of the other ``K - 1``
+    ("X:1" strategy; Hendriksen et al., IEEE TCI 6, 2020). The noise of the target is
+    independent of the input's, so minimising the MSE drives the network towards the
+    noise-free reconstruction, without any clean data. The result is the mean of the
+    network's predictions over all ``K`` splits.
+
+    Parameters
+    ----------
+    projections : array_like, shape (n_angles, n_det) or (n_angles, n_rows, n_det)
+        Line integrals of one slice (a sinogram) or of ``n_rows`` slices.
+    angles : array_like, shape (n_angles,)
+        Radians, covering [0, pi) (or [0, 2 pi)) evenly.
+    n_splits : int
+        ``K``, usually 2 or 4. More splits give sparser sub-reconstructions (streaks when
+        the angles are few) but more training pairs.
+    center, method, filter, n_iter
+        Reconstruction settings (:func:`tomoml_nb.tomo.reconstruct`).
+    model : MSDNet or Denoiser, optional
+        Start from this network (e.g. one trained with Noise2Inverse on a similar scan).
+    depth, width, max_dilation, steps, patch, batch, lr
+        Network and training settings (see :func:`train_supervised`).
+    device, seed, progress, time_limit
+        As in :func:`train_supervised`.
+    return_model : bool
+        Also return the trained :class:`Denoiser` (it maps the mean of ``K - 1``
+        sub-reconstructions to a denoised one).
+
+    Returns
+    -------
+    ndarray, float32
+        The denoised reconstruction, ``(N, N)`` for a sinogram, ``(n_rows, N, N)`` for
+        projections; with ``return_model``: ``(denoised, model)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tomoml_nb import tomo
+    >>> img = np.zeros((48, 48), np.float32); img[12:36, 14:30] = 0.05
+    >>> th = np.linspace(0, np.pi, 96, endpoint=False)
+    >>> sino = tomo.forward_project(img, th)
+    >>> sino += np.random.default_rng(0).normal(0, 0.3, sino.shape).astype(np.float32)
+    >>> out = noise2inverse(sino, th, 2, depth=6, steps=10, patch=32, progress=False)
+    >>> out.shape
+    (48, 48)
+    """
+    sino, ang, was_2d = _as_projections(projections, angles)
+    K = _check_int(n_splits, "n_splits", 2)
+    steps = check_positive(steps, "steps", integer=True)
+    patch = _check_int(patch, "patch", 8)
+    batch = _check_int(batch, "batch", 1)
+    check_positive(lr, "lr")
+    subs = split_reconstructions(sino.transpose(1, 0, 2), ang, K, center=center, method=method, filter=filter,
+                                 n_iter=n_iter, device=device)                 # (K, R, N, N)
+    R = subs.shape[1]
+    total = subs.sum(0)
+    inputs = (total[None] - subs) / (K - 1)                                     # mean of the others
+    if isinstance(model, Denoiser):
+        offset, scale = model.offset, model.scale
+    else:
+        offset, scale = _norm_stats(inputs)
+    xin = ((inputs - offset) / scale).reshape(K * R, *subs.shape[-2:])
+    tgt = ((subs - offset) / scale).reshape(K * R, *subs.shape[-2:])
+    pairs = [(i, i) for i in range(K * R)]
+    net, hist = _fit_pairs(xin, tgt, pair_index=pairs, model=model, depth=depth, width=width,
+                           max_dilation=max_dilation, steps=steps, patch=patch, batch=batch, lr=lr, val=None,
+                           device=device, seed=seed, progress=progress, time_limit=time_limit,
+                           desc=f"Noise2Inverse K={K}", strategy="noise2inverse")
+    info = {"strategy": f"noise2inverse X:1, K={K}", "steps": hist["steps"], "seconds": hist["seconds"],
+            "patch": patch, "batch": batch, "lr": lr, "seed": seed, "n_slices": int(R)}
+    den = Denoiser(net, offset, scale, hist, info)
+    preds = denoise(inputs.reshape(K * R, *subs.shape[-2:]), den, device=device, progress=progress)
+    out = preds.reshape(K, R, *subs.shape[-2:]).mean(0)
+    out = out[0] if was_2d else out
+    return (out, den) if return_model else out
+
+
+# =============================================================================== inference
+def denoise(volume, model, *, tile=512, overlap=32, batch=4, device="auto", progress=True):
+    """Denoise a 2D image or a 3D volume slice by slice with a trained network.
+
+    Parameters
+    ----------
+    volume : array_like, shape (y, x) or (z, y, x)
+        Reconstructed slices (the same kind of data the model was trained on).
+    model : Denoiser or torch.nn.Module
+        From :func:`train_supervised`, :func:`noise2inverse` (``return_model=True``) or
+        :func:`load_pretrained`; a bare network is applied without normalisation.
+    tile : int
+        Slices larger than ``tile`` pixels on a side are processed in overlapping
+        ``tile x tile`` patches blended with Gaussian weights
+        (:func:`tomoml_nb.tiling.sliding_window`), which bounds memory.
+    overlap : int
+        Overlap between tiles (pixels).
+    batch : int
+        Slices per forward pass when slices are small.
+    device : str
+        ``"auto"`` uses CUDA when available.
+    progress : bool
+        tqdm bar over slices.
+
+    Returns
+    -------
+    ndarray, float32, same shape as ``volume``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tomoml_nb.models.msd import MSDNet
+    >>> out = denoise(np.zeros((3, 32, 32)), Denoiser(MSDNet(depth=4), 0.0, 1.0), progress=False)
+    >>> out.shape, float(abs(out).max())
+    ((3, 32, 32), 0.0)
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .tiling import sliding_window
+    from .train import resolve_device
+
+    vol, was_2d = _as_slices(volume, "volume")
+    if isinstance(model, Denoiser):
+        net, offset, scale = model.net, model.offset, model.scale
+    elif isinstance(model, torch.nn.Module):
+        net, offset, scale = model, 0.0, 1.0
+    else:
+        raise TypeError(f"model: expected a Denoiser or a torch module, got {type(model).__name__}")
+    tile = _check_int(tile, "tile", 32)
+    overlap = _check_int(overlap, "overlap", 0)
+    batch = _check_int(batch, "batch", 1)
+    dev = resolve_device(device)
+    net = net.to(dev).eval()
+    out = np.empty_like(vol)
+    Z, H, W = vol.shape
+
+    def run(x):  # x: (b, h, w) normalised numpy
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(x[:, None])).to(dev)).cpu().numpy()[:, 0]
+
+    with _threads():
+        if H <= tile and W <= tile:
+            for z0 in tqdm(range(0, Z, batch), desc="denoise", disable=not progress or Z <= batch):
+                out[z0:z0 + batch] = run((vol[z0:z0 + batch] - offset) / scale) * scale + offset
+        else:
+            for z in tqdm(range(Z), desc="denoise", disable=not progress):
+                sl = (vol[z] - offset) / scale
+                res = sliding_window(sl, lambda p: run(p[None])[0], (tile, tile), overlap, progress=False)
+                out[z] = res[0] * scale + offset
+    net.cpu()
+    return out[0] if was_2d else out
+
+
+# =============================================================================== classical
+def classical_methods():
+    """Classical filters available here (``"bm3d"`` only when the ``bm3d`` package is installed).
+
+    Examples
+    --------
+    >>> classical_methods()[:3]
+    ('gaussian', 'median', 'nlm')
+    """
+    try:
+        import bm3d  # noqa: F401
+        return CLASSICAL
+    except ImportError:
+        return CLASSICAL[:3]
+
+
+def _sigma_est(img):
+    from skimage.restoration import estimate_sigma
+
+    return float(estimate_sigma(img))
+
+
+def classical_filter(volume, method="gaussian", strength=1.0, *, sigma=None, progress=False):
+    """Apply a classical denoising filter slice by slice.
+
+    Parameters
+    ----------
+    volume : array_like, shape (y, x) or (z, y, x)
+    method : {"gaussian", "median", "nlm", "bm3d"}
+        ``"gaussian"``: :func:`scipy.ndimage.gaussian_filter` with ``sigma = strength``
+        pixels; ``"median"``: :func:`scipy.ndimage.median_filter` with window
+        ``strength`` (odd integer); ``"nlm"``: :func:`skimage.restoration.denoise_nl_means`
+        (5x5 patches, 13x13 search) with ``h = strength * sigma``; ``"bm3d"``: the
+        ``bm3d`` package (optional, non-commercial licence) with
+        ``sigma_psd = strength * sigma``.
+    strength : float
+        The filter's one tuning parameter (see above); pick it with :func:`tune_classical`.
+    sigma : float, optional
+        Noise standard deviation for ``"nlm"``/``"bm3d"``; default: estimated per slice
+        (:func:`skimage.restoration.estimate_sigma`).
+    progress : bool
+        tqdm bar over slices.
+
+    Returns
+    -------
+    ndarray, float32, same shape as ``volume``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.random.default_rng(0).normal(size=(32, 32))
+    >>> float(classical_filter(img, "gaussian", 2.0).std()) < 0.3
+    True
+    """
+    from scipy import ndimage as ndi
+    from tqdm.auto import tqdm
+
+    vol, was_2d = _as_slices(volume, "volume")
+    method = check_choice(method, "method", CLASSICAL)
+    check_positive(strength, "strength")
+    if sigma is not None:
+        check_positive(sigma, "sigma")
+    if method == "bm3d" and "bm3d" not in classical_methods():
+        raise ImportError("method: 'bm3d' needs the optional bm3d package (pip install bm3d; "
+                          "free for non-commercial use only)")
+    if method == "median":
+        size = int(round(strength))
+        if size < 2:
+            raise ValueError(f"strength: median window must be >= 2 pixels, got {strength!r}")
+    out = np.empty_like(vol)
+    for z in tqdm(range(len(vol)), desc=method, disable=not progress):
+        img = vol[z]
+        if method == "gaussian":
+            out[z] = ndi.gaussian_filter(img, float(strength), mode="reflect")
+        elif method == "median":
+            out[z] = ndi.median_filter(img, size=size, mode="reflect")
+        elif method == "nlm":
+            from skimage.restoration import denoise_nl_means
+
+            s = _sigma_est(img) if sigma is None else float(sigma)
+            out[z] = denoise_nl_means(img, patch_size=5, patch_distance=6, h=max(strength * s, 1e-12),
+                                      sigma=s, fast_mode=True)
+        else:
+            import bm3d
+
+            s = _sigma_est(img) if sigma is None else float(sigma)
+            out[z] = bm3d.bm3d(img, sigma_psd=max(strength * s, 1e-12))
+    return out[0] if was_2d else out
+
+
+def _masked_psnr(est, ref, mask, data_range):
+    from .metrics import psnr
+
+    if mask is None:
+        return psnr(est, ref, data_range=data_range)
+    return psnr(est[..., mask], ref[..., mask], data_range=data_range)
+
+
+def tune_classical(noisy, clean, method="gaussian", grid=None, *, mask=None, progress=False):
+    """Choose a classical filter's strength by the best PSNR on *validation* data.
+
+    Use slices that are not in the test set (another phantom or seed) so the comparison
+    with a trained network stays fair.
+
+    Parameters
+    ----------
+    noisy, clean : array_like, shape (y, x) or (n, y, x)
+        Validation pairs.
+    method : {"gaussian", "median", "nlm", "bm3d"}
+    grid : sequence of float, optional
+        Strengths to try (default :data:`DEFAULT_GRIDS`).
+    mask : array_like of bool, shape (y, x), optional
+        Pixels where PSNR is measured (e.g. the reconstruction circle).
+    progress : bool
+        tqdm bar over the grid.
+
+    Returns
+    -------
+    dict
+        ``{"method", "strength", "psnr", "grid", "scores"}``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> clean = np.zeros((32, 32)); clean[8:24, 8:24] = 1
+    >>> best = tune_classical(clean + 0.3 * rng.standard_normal(clean.shape), clean, "gaussian")
+    >>> best["strength"] >= 1.0
+    True
+    """
+    from tqdm.auto import tqdm
+
+    x, _ = _as_slices(noisy, "noisy")
+    y, _ = _as_slices(clean, "clean")
+    check_same_shape(x, y, "noisy", "clean")
+    method = check_choice(method, "method", CLASSICAL)
+    grid = tuple(DEFAULT_GRIDS[method] if grid is None else grid)
+    if not grid:
+        raise ValueError("grid: empty")
+    if mask is not None:
+        mask = as_array(mask, "mask", ndim=2).astype(bool)
+        if mask.shape != y.shape[-2:]:
+            raise ValueError(f"mask: shape {mask.shape} differs from the slices' {y.shape[-2:]}")
+    rng_ = float(np.ptp(y if mask is None else y[:, mask]))
+    sig = [_sigma_est(s) for s in x] if method in ("nlm", "bm3d") else None
+    scores = []
+    for g in tqdm(grid, desc=f"tune {method}", disable=not progress):
+        if sig is None:
+            out = classical_filter(x, method, g)
+        else:
+            out = np.stack([classical_filter(s, method, g, sigma=sg) for s, sg in zip(x, sig)])
+        scores.append(_masked_psnr(out, y, mask, rng_))
+    k = int(np.argmax(scores))
+    return {"method": method, "strength": grid[k], "psnr": float(scores[k]), "grid": list(grid),
+            "scores": [float(s) for s in scores]}
+
+
+def evaluate(estimate, truth, *, mask=None, data_range=None):
+    """PSNR (dB) and SSIM of denoised slices against the truth, inside ``mask``.
+
+    Parameters
+    ----------
+    estimate, truth : array_like, shape (y, x) or (n, y, x)
+    mask : array_like of bool, shape (y, x), optional
+        Region where the metrics are computed (PSNR on the masked pixels; SSIM over the
+        whole slice with the outside set to the truth's values, so it does not count).
+    data_range : float, optional
+        Default: the truth's range inside the mask.
+
+    Returns
+    -------
+    dict
+        ``{"psnr": float, "ssim": float}`` (SSIM averaged over slices).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.zeros((16, 16)); t[4:12, 4:12] = 1
+    >>> evaluate(t, t)["ssim"]
+    1.0
+    """
+    from .metrics import ssim
+
+    e, _ = _as_slices(estimate, "estimate")
+    t, _ = _as_slices(truth, "truth")
+    check_same_shape(t, e, "truth", "estimate")
+    if mask is not None:
+        mask = as_array(mask, "mask", ndim=2).astype(bool)
+        if mask.shape != t.shape[-2:]:
+            raise ValueError(f"mask: shape {mask.shape} differs from the slices' {t.shape[-2:]}")
+    if data_range is None:
+        data_range = float(np.ptp(t if mask is None else t[:, mask]))
+    p = _masked_psnr(e, t, mask, data_range)
+    if mask is not None:
+        e = np.where(mask, e, t)
+    s = float(np.mean([ssim(a, b, data_range=data_range) for a, b in zip(e, t)]))
+    return {"psnr": p, "ssim": s}
+
+
+# =============================================================================== simulation
+def simulate_low_dose(volume, *, n_angles=360, flux=1000.0, attenuation=2.0, n_flats=20, seed=0,
+                      device="auto"):
+    """Simulate a low-dose parallel-beam scan of a known object and reconstruct it (FBP).
+
+    Parameters
+    ----------
+    volume : array_like, shape (N, N) or (n_rows, N, N)
+        The object (e.g. ``phantoms.bone_implant(...).image`` with ``noise=0``), in any
+        grey-value units.
+    n_angles : int
+        Projections over [0, pi).
+    flux : float
+        Open-beam counts per detector pixel: lower flux, more noise
+        (:func:`tomoml_nb.tomo.simulate_acquisition`).
+    attenuation : float
+        Largest line integral through the object (``-log`` transmission), which sets the
+        pixel length: ``pixel_size = attenuation / max(projection of volume)``.
+    n_flats : int
+        Open-beam frames averaged for flat-field correction.
+    seed : int
+        Noise seed.
+    device : str
+        Projector device.
+
+    Returns
+    -------
+    dict
+        ``projections`` line integrals ``(n_angles, n_rows, N)`` (or ``(n_angles, N)``),
+        ``angles`` (radians), ``reconstruction`` (FBP, in the units of ``volume``),
+        ``truth`` (the volume, zero outside the reconstruction circle), ``mask`` (the
+        circle), ``pixel_size`` and ``seconds``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.zeros((32, 32), np.float32); img[8:24, 8:24] = 0.5
+    >>> sim = simulate_low_dose(img, n_angles=48, flux=500)
+    >>> sim["reconstruction"].shape, sim["projections"].shape
+    ((32, 32), (48, 32))
+    """
+    from . import tomo
+
+    vol, was_2d = _as_slices(volume, "volume")
+    if vol.shape[-1] != vol.shape[-2]:
+        raise ValueError(f"volume: slices must be square (N, N), got {vol.shape[-2:]}")
+    n_angles = _check_int(n_angles, "n_angles", 2)
+    check_positive(flux, "flux")
+    check_positive(attenuation, "attenuation")
+    t0 = time.perf_counter()
+    N = vol.shape[-1]
+    ax = np.arange(N) - (N - 1) / 2.0
+    mask = (ax[:, None] ** 2 + ax[None, :] ** 2) <= (N / 2.0) ** 2
+    truth = np.where(mask, vol, 0).astype(np.float32)
+    ang = np.linspace(0.0, np.pi, n_angles, endpoint=False)
+    peak = float(tomo.forward_project(truth, ang[:: max(1, n_angles // 16)], device=device).max())
+    if peak <= 0:
+        raise ValueError("volume: nothing attenuates (all values <= 0 inside the reconstruction circle)")
+    pixel_size = attenuation / peak
+    data = tomo.simulate_acquisition(truth, angles=ang, flux=flux, n_flats=n_flats, n_darks=n_flats,
+                                     pixel_size=pixel_size, seed=seed, device=device)
+    proj = tomo.minus_log(tomo.normalize(data.projections, data.flats, data.darks)) / np.float32(pixel_size)
+    rec = _reconstruct(np.ascontiguousarray(proj.transpose(1, 0, 2)), ang, device=device)
+    out = {"projections": proj[:, 0] if was_2d else proj, "angles": ang, "reconstruction": rec[0] if was_2d else rec,
+           "truth": truth[0] if was_2d else truth, "mask": mask, "pixel_size": pixel_size,
+           "seconds": time.perf_counter() - t0}
+    return out

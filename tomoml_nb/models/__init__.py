@@ -1,0 +1,1 @@
+"""Torch networks used by the method modules (no I/O, no data handling)."""
