@@ -114,15 +114,24 @@ def active_learning(quick):
         rounds, repeats, steps = 4, 1, 20
     pool = phantom(pshape, pseed, pdeg)
     ev = phantom(eshape, eseed, edeg, edseed)
-    results = {}
+    # how informative is a random pool slice? share of pool slices showing each class
+    shows = []
+    for a in range(3):
+        for i in range(AL["stride"] // 2, pool.labels.shape[a], AL["stride"]):
+            sl = np.take(pool.labels, i, axis=a)
+            shows.append(np.bincount(sl.ravel(), minlength=5) > 0)
+    share = np.mean(shows, 0)
+    results = {"_share": share}
     for strategy in ("entropy", "random"):
         results[strategy] = []
+        results[strategy + "_deg"] = []
         for r in range(repeats):
             res = active.run_active_learning(pool.image, pool.labels, strategy=strategy, n_rounds=rounds,
                                              eval_image=ev.image, eval_labels=ev.labels, seed=r,
                                              steps_per_round=steps, stride=AL["stride"], progress=False)
             res.pop("learner")
             results[strategy].append(res)
+            results[strategy + "_deg"].append([v[4] for v in res["iou_per_class"]])
             print(f"  {strategy} seed {r}: " + " ".join(f"{v:.3f}" for v in res["mean_iou"]), flush=True)
     return results, dict(pool=pshape, eval=eshape, rounds=rounds, repeats=repeats, steps=steps)
 
@@ -191,13 +200,16 @@ def main(argv=None):
              f"single axis {best_single:.3f} (z {deg_single['z']:.3f}, y {deg_single['y']:.3f}, "
              f"x {deg_single['x']:.3f}); fused beats every single axis on {wins} of {len(held_out)} phantoms — "
              f"**{'MET' if deg_fused > best_single else 'NOT MET'}** with the validation-fitted weights. With equal "
-             f"weights (plain soft voting) the degradation IoU is {deg_equal:.3f}: "
-             f"{'above' if deg_equal > best_single else 'not above'} the best single axis — the y and x views of the "
-             "layer are weaker than z and dilute it; equal-weight fusion still gains on every other class.")
+             f"weights (plain soft voting) the degradation IoU is {deg_equal:.3f}, "
+             + ("also above the best single axis." if deg_equal > best_single else
+                "not above the best single axis: the y and x views of the layer are weaker than z and dilute it "
+                "(equal-weight fusion still gains on the other classes)."))
     L.append(f"- 256³ volume, three-axis prediction on CPU in under a minute: **{t256:.1f} s** (median of {n256}; "
              f"mean IoU on that phantom {iou256:.3f}) — **{'MET' if t256 < 60 else 'NOT MET'}**.")
     if al is not None:
         target = AL["target"]
+        share = al.pop("_share")
+        deg_curves = {s: np.mean(al.pop(s + "_deg"), 0) for s in ("entropy", "random")}
         mean_curve = {s: np.mean([r["mean_iou"] for r in runs], 0) for s, runs in al.items()}
         x = np.asarray(al["random"][0]["n_annotated"])
         rand_final = float(mean_curve["random"][-1])
@@ -226,10 +238,26 @@ def main(argv=None):
         for s, c in mean_curve.items():
             L.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in c) + " |")
         L += ["", "Annotated slices needed to reach mean IoU "
-              f"{target}: " + "; ".join(f"{s}: {to_target[s] if to_target[s] is not None else f'not reached in {n_rand}'}"
-                                        f" (per seed {per_seed[s]})" for s in mean_curve) + "."]
-        deg_final = {s: float(np.mean([r["iou_per_class"][-1][4] for r in runs])) for s, runs in al.items()}
-        L.append("Final degradation-layer IoU: " + ", ".join(f"{s} {v:.3f}" for s, v in deg_final.items()) + ".")
+              f"{target}: " + "; ".join(
+                  f"{s}: {to_target[s] if to_target[s] is not None else f'not reached in {n_rand}'}"
+                  f" (per seed {per_seed[s]})" for s in mean_curve) + "."]
+        L += ["", "Degradation-layer IoU (mean over seeds):", "",
+              "| annotated slices | " + " | ".join(str(int(v)) for v in x) + " |", "|" + "---|" * (len(x) + 1)]
+        for s, c in deg_curves.items():
+            L.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in c) + " |")
+        half = max(1, n_rand // 2)
+        why = "**Why the ≤ half target is out of reach on this phantom.** " if not ok else "**Context.** "
+        L += ["", why + "Share of the pool's candidate slices "
+              "that show each class: " + ", ".join(f"{n} {100 * v:.0f} %" for n, v in zip(NAMES, share)) + ". "
+              "The screw runs along z through most of the sample (its tip is drawn at 72–90 % of the depth) and "
+              f"grows with the volume, so {100 * share[4]:.0f} % of the pool's slices already show the degradation "
+              "layer (and nearly all show the three common classes); random sampling is at "
+              f"{mean_curve['random'][half - 1]:.3f} after {half} slices, within "
+              f"{mean_curve['random'][-1] - mean_curve['random'][half - 1]:.3f} of its final value, and both curves "
+              "flatten near what the same network reaches with full volumes (the shipped U-Net: "
+              f"{fused_mean:.3f} on other held-out phantoms). Halving the annotations needs a pool where random "
+              "slices are mostly uninformative (a small implant in a large field of view), which "
+              "`phantoms.bone_implant` cannot generate (its screw scales with the volume)."]
     text = "\n".join(L) + "\n"
     out = HERE / "results" / "segmentation.md"
     out.parent.mkdir(exist_ok=True)

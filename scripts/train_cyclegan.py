@@ -164,6 +164,9 @@ Validation SSIM during training (step: SSIM): {curve}.
   deterministic prediction is limited to about the SSIM of the mean staining (see
   `benchmarks/results/histology.md`); the adversarial term makes the texture look plausible, not
   correct.
+- The training sections lie in the middle 30-70 % of the sample's height; the cortical plate above
+  is outside what the network saw and is rendered wrongly (grey-purple instead of bone pink; see
+  notebook 09, section 6), where the lookup still colours it as bone.
 - 2D: slices are translated independently; along z the texture is not coherent.
 """
     (out / "cyclegan_bone_implant.md").write_text(card)

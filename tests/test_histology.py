@@ -108,7 +108,7 @@ def test_register_recovers_the_plane(registered, section):
     assert registered.ct_slice.shape == section["image"].shape[:2]
     assert registered.displacement is None or registered.displacement.shape == (2,) + section["ct"].shape
     assert registered.inside > 0.8
-    assert registered.confidence > 1.15
+    assert registered.confidence > 1.2
     # the pipeline improves the match stage by stage
     assert registered.stages[1]["score"] >= registered.stages[0]["score"] - 1e-3
     assert registered.score >= registered.stages[1]["score"] - 1e-3
@@ -192,7 +192,7 @@ def test_unrelated_image_gives_a_warning(phantom):
     noise = np.random.default_rng(1).random((56, 56, 3)).astype(np.float32)
     with pytest.warns(RuntimeWarning, match="doubtful"):
         plane = H.register_slice(noise, phantom.image, max_tilt_deg=4, bspline=False, progress=False)
-    assert plane.confidence < 1.15
+    assert plane.confidence < 1.2
 
 
 # --------------------------------------------------------------------------- classical baseline
