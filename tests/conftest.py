@@ -39,3 +39,17 @@ def mirror() -> Path:
     if MIRROR is None:
         pytest.skip("real-data mirror (../shared/data) not present")
     return MIRROR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: tiny networks run faster on one thread, and CI cores are shared.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -9,15 +9,7 @@ from tomoml_nb import active, phantoms
 SMALL = dict(channels=(4, 8), patch_size=16, batch_size=4, steps_per_round=3, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run faster on one thread, and the CI cores are shared."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

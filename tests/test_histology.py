@@ -13,15 +13,7 @@ from tomoml_nb import metrics, phantoms
 TINY = dict(crop=16, batch_size=2, base_channels=4, n_blocks=1, d_channels=4, progress=False, num_threads=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a busy shared CPU, small convolutions are much faster (and timing-stable)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ DEFAULT_GRIDS = {
     "nlm": (0.4, 0.6, 0.8, 1.0, 1.3, 1.7),                               # h / estimated noise sigma
     "bm3d": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0),                             # sigma_psd / estimated sigma
 }
-_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_FORMAT = "tomoml_nb.denoise.msd/1"
 
 
 # =============================================================================== helpers
@@ -115,15 +115,12 @@ class Denoiser:
 
     def save(self, path):
         """Save weights, architecture and normalisation to ``path`` (a ``.pt`` file)."""
-        import torch
+        from . import weights
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                 "config": dict(self.net.config), "offset": float(self.offset), "scale": float(self.scale),
-                 "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list, tuple))}}
-        torch.save(state, path)
-        return path
+        info = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list, tuple))}
+        return weights.save_state(path, format=_FORMAT, state_dict=self.net.state_dict(),
+                                  config={"net": dict(self.net.config), "offset": float(self.offset),
+                                          "scale": float(self.scale)}, meta=info)
 
     @classmethod
     def load(cls, path):
@@ -138,19 +135,15 @@ class Denoiser:
         >>> Denoiser.load(p).scale
         2.0
         """
-        import torch
-
+        from . import weights
         from .models.msd import MSDNet
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        net = MSDNet(**state["config"])
-        net.load_state_dict(state["model"])
+        state = weights.load_state(path, format=_FORMAT)
+        cfg = state["config"]
+        net = MSDNet(**cfg["net"])
+        net.load_state_dict(state["state_dict"])
         net.eval()
-        return cls(net, float(state["offset"]), float(state["scale"]), {}, dict(state.get("info", {})))
-
+        return cls(net, float(cfg["offset"]), float(cfg["scale"]), {}, dict(state["meta"]))
 
 def load_pretrained(name="msd_bone_implant"):
     """Load a denoiser shipped with the package (see ``tomoml_nb/weights/<name>.md``).
@@ -170,9 +163,11 @@ def load_pretrained(name="msd_bone_implant"):
     >>> model.net.config["depth"]                      # doctest: +SKIP
     50
     """
-    path = _WEIGHTS_DIR / f"{name}.pt"
+    from .weights import WEIGHTS_DIR
+
+    path = WEIGHTS_DIR / f"{name}.pt"
     if not path.is_file():
-        avail = sorted(p.stem for p in _WEIGHTS_DIR.glob("msd_*.pt"))
+        avail = sorted(p.stem for p in WEIGHTS_DIR.glob("msd_*.pt"))
         raise ValueError(f"name: no shipped weights {name!r}; available: {avail}")
     return Denoiser.load(path)
 

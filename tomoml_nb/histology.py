@@ -1499,7 +1499,6 @@ def colourise(volume, lookup, *, out=None, chunk=16):
 
 # --------------------------------------------------------------------------- cycleGAN
 _FORMAT = "tomoml_nb.histology.cyclegan/1"
-_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _PRETRAINED = {"bone_implant": "cyclegan_bone_implant.pt"}
 
 
@@ -2083,22 +2082,16 @@ def save_model(model, path, **meta):
     >>> load_model(p).tomoml_config["base"]
     4
     """
-    import torch
+    from . import weights
 
     if not hasattr(model, "tomoml_config") or not hasattr(model, "g_ab"):
         raise TypeError("model: expected a CycleGAN from train_cyclegan")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+    sd = {k: (v.detach().half() if v.is_floating_point() else v)
           for k, v in model.state_dict().items() if k.startswith(("g_ab.", "g_ba."))}
     hist = getattr(model, "tomoml_history", None) or {}
     short = {k: hist[k] for k in ("val", "steps", "seconds") if k in hist}
-    state = {"format": _FORMAT, "config": dict(model.tomoml_config), "state_dict": sd, "history": short,
-             "meta": meta}
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return weights.save_state(path, format=_FORMAT, config=model.tomoml_config, state_dict=sd, history=short,
+                              meta=meta)
 
 
 def load_model(path, device="cpu"):
@@ -2109,20 +2102,11 @@ def load_model(path, device="cpu"):
     --------
     >>> net = load_model(pretrained_path())            # doctest: +SKIP
     """
-    import torch
-
+    from . import weights
     from .models.cyclegan import CycleGAN
     from .train import resolve_device
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"path: {path} cannot be read as a torch file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"path: {path} is not a tomoml_nb cycleGAN file (expected format {_FORMAT!r})")
+    state = weights.load_state(path, format=_FORMAT)
     cfg = dict(state["config"])
     net = CycleGAN(cfg["channels"], cfg["base"], cfg["n_down"], cfg["n_blocks"], cfg["d_base"], cfg["d_layers"],
                    cfg["norm"], discriminators=False, generator=cfg.get("generator", "unet"))
@@ -2142,8 +2126,10 @@ def pretrained_path(name="bone_implant") -> Path:
     >>> pretrained_path().name
     'cyclegan_bone_implant.pt'
     """
+    from .weights import WEIGHTS_DIR
+
     check_choice(name, "name", tuple(_PRETRAINED))
-    return _WEIGHTS_DIR / _PRETRAINED[name]
+    return WEIGHTS_DIR / _PRETRAINED[name]
 
 
 def load_pretrained(name="bone_implant", device="cpu"):
@@ -2159,8 +2145,8 @@ def load_pretrained(name="bone_implant", device="cpu"):
     >>> net.tomoml_config["channels"]                   # doctest: +SKIP
     3
     """
-    path = pretrained_path(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"name: shipped weights {path.name} are missing from {path.parent}; recreate them "
-                                "with `python scripts/train_cyclegan.py`")
+    from . import weights
+
+    check_choice(name, "name", tuple(_PRETRAINED))
+    path = weights.shipped_path(_PRETRAINED[name], script="scripts/train_cyclegan.py")
     return load_model(path, device=device)

@@ -77,7 +77,6 @@ UNLABELLED = -1
 #: Fusion rules of :func:`fuse` / :func:`predict`.
 FUSIONS = ("mean", "geometric", "majority")
 
-_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _PRETRAINED = {"bone_implant": "unet_bone_implant.pt"}
 _FORMAT = "tomoml_nb.segment.unet/1"
 
@@ -299,12 +298,33 @@ def threshold_segment(volume, n_classes=3, *, class_order=None, thresholds=None,
         if flat.size > 4_000_000:
             flat = flat[:: int(np.ceil(flat.size / 4_000_000))]
         nbins = check_positive(nbins, "nbins", integer=True)
-        thresholds = threshold_multiotsu(flat, classes=n_classes, nbins=nbins)
+        thresholds = _centre_in_gaps(flat, threshold_multiotsu(flat, classes=n_classes, nbins=nbins), nbins)
     thresholds = np.sort(np.asarray(thresholds, dtype=np.float64))
     if thresholds.size != n_classes - 1:
         raise ValueError(f"thresholds: expected {n_classes - 1} values, got {thresholds.size}")
     bins = np.digitize(img, thresholds)
     return np.asarray(class_order, dtype=np.uint8)[bins], thresholds
+
+
+def _centre_in_gaps(values, thresholds, nbins):
+    """Move each multi-Otsu threshold to the middle of the empty histogram gap it borders.
+
+    Otsu's criterion is flat across an empty gap between two grey-value classes and
+    scikit-image returns its left end, the centre of the last occupied bin, so the
+    brightest voxels of the darker class fall above the threshold.
+    """
+    counts, edges = np.histogram(values, bins=nbins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    out = []
+    for t in thresholds:
+        i = int(np.clip(np.searchsorted(centres, t), 0, nbins - 1))
+        j = i + 1
+        while j < nbins and counts[j] == 0:
+            j += 1
+        if j > i + 1 and j < nbins:               # an empty run of bins right of the threshold
+            t = (edges[i + 1] + edges[j]) / 2
+        out.append(t)
+    return np.asarray(out, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- random forest
@@ -1157,20 +1177,13 @@ def save_model(model, path, **meta):
     >>> load_model(p).tomoml_config["n_classes"]
     2
     """
-    import torch
+    from . import weights
 
     model = _resolve_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     hist = getattr(model, "tomoml_history", None) or {}
     short = {k: hist[k] for k in ("val", "val_iou_per_class", "steps", "seconds", "class_weights") if k in hist}
-    state = {"format": _FORMAT, "config": dict(model.tomoml_config),
-             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "history": short, "meta": meta}
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return weights.save_state(path, format=_FORMAT, config=model.tomoml_config, state_dict=model.state_dict(),
+                              history=short, meta=meta)
 
 
 def load_model(path, device="cpu"):
@@ -1180,20 +1193,11 @@ def load_model(path, device="cpu"):
     --------
     >>> net = load_model(pretrained_path())            # doctest: +SKIP
     """
-    import torch
-
+    from . import weights
     from .models.unet import build_unet
     from .train import resolve_device
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"path: {path} cannot be read as a torch file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"path: {path} is not a tomoml_nb U-Net file (expected format {_FORMAT!r})")
+    state = weights.load_state(path, format=_FORMAT)
     cfg = dict(state["config"])
     net = build_unet(cfg["n_classes"], cfg["channels"], in_channels=cfg.get("in_channels", 1),
                      num_res_units=cfg.get("num_res_units", 1), dropout=cfg.get("dropout", 0.0),
@@ -1214,8 +1218,10 @@ def pretrained_path(name="bone_implant") -> Path:
     >>> pretrained_path().name
     'unet_bone_implant.pt'
     """
+    from .weights import WEIGHTS_DIR
+
     check_choice(name, "name", tuple(_PRETRAINED))
-    return _WEIGHTS_DIR / _PRETRAINED[name]
+    return WEIGHTS_DIR / _PRETRAINED[name]
 
 
 def load_pretrained(name="bone_implant", device="cpu"):
@@ -1231,10 +1237,10 @@ def load_pretrained(name="bone_implant", device="cpu"):
     >>> net.tomoml_config["class_names"][4]             # doctest: +SKIP
     'degradation'
     """
-    path = pretrained_path(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"name: shipped weights {path.name} are missing from {path.parent}; "
-                                "recreate them with `python scripts/train_unet.py`")
+    from . import weights
+
+    check_choice(name, "name", tuple(_PRETRAINED))
+    path = weights.shipped_path(_PRETRAINED[name], script="scripts/train_unet.py")
     return load_model(path, device=device)
 
 
