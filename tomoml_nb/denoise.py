@@ -36,7 +36,6 @@ from __future__ import annotations
 import numbers
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

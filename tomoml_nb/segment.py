@@ -27,7 +27,6 @@ Examples
 from __future__ import annotations
 
 import numbers
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,13 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from ._validate import as_array, check_choice, check_positive, rng_from
-
-# On shared CPUs, OpenMP threads that spin while they wait make torch many times slower as
-# soon as other processes compete for the cores (measured on a loaded 2-core machine: 20 U-Net
-# steps took 55 s with spinning threads, 2.5 s with passive waiting). Passive waiting costs
-# little on an idle machine. It only takes effect if torch has not been imported yet; an
-# explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = [
     "AXES",

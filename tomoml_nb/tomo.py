@@ -342,7 +342,6 @@ def _backproject_sym(q, angles, N, center, circle=True):
     Dp = D + 2 * _PAD
     dq = torch.diff(qp, dim=-1, append=torch.zeros(Z, A, 1, dtype=q.dtype, device=dev))
     xs, ys, sel = _image_coords(N, circle, dev)
-    M = xs.numel()
     accs = {}
     hi = Dp - 1 - 1e-3
     for th0, members in _angle_orbits(angles):
