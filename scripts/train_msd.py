@@ -19,6 +19,11 @@ parallel; see the model cards for times)::
     python scripts/train_msd.py --steps 1500 --init # continue both (warm restart)
     python scripts/train_msd.py --which supervised --steps 3000
     python scripts/train_msd.py --quick             # 30 steps, writes to /tmp, for testing the script
+
+A deeper network trained longer on a GPU (the published MSD networks have 100+ layers)::
+
+    python scripts/train_msd.py --which supervised --depth 100 --steps 20000 --batch 16 \
+        --extra-train 12 --device cuda --budget-s 420 --out /tmp/msd_gpu
 """
 from __future__ import annotations
 
@@ -52,6 +57,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="30 steps, output to /tmp/tomoml_msd_quick")
     ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda'")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop each model's training after this many seconds (wall clock)")
+    ap.add_argument("--batch", type=int, default=4, help="patches per step")
+    ap.add_argument("--patch", type=int, default=64, help="square patch size")
+    ap.add_argument("--extra-train", type=int, default=0,
+                    help="this many more training scans (seeds 106..., degradation and flux cycling)")
     ap.add_argument("--init", action="store_true",
                     help="continue from the weights already in --out (a warm restart of the cosine schedule)")
     args = ap.parse_args(argv)
@@ -60,7 +72,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    train = [scan(*p) for p in TRAIN]
+    extra = [(106 + i, (0.2, 0.5, 0.8)[i % 3], (500.0, 1000.0, 2000.0)[(i // 3) % 3]) for i in range(args.extra_train)]
+    train = [scan(*p) for p in TRAIN + extra]
     val = scan(*VAL)
     print(f"simulated {len(train)} training scans in {time.perf_counter() - t0:.0f} s", flush=True)
     mask = val["mask"]
@@ -72,12 +85,15 @@ def main(argv=None):
         t = time.perf_counter()
         init = dn.Denoiser.load(out_dir / "msd_bone_implant.pt") if args.init else None
         model = dn.train_supervised(X, Y, model=init, depth=args.depth, steps=steps, seed=args.seed,
+                                    batch=args.batch, patch=args.patch, device=args.device,
+                                    time_limit=args.budget_s, progress=False,
                                     validation=(val["reconstruction"][::4], val["truth"][::4]))
         secs = time.perf_counter() - t
         m = dn.evaluate(model(val["reconstruction"], progress=False), val["truth"], mask=mask)
         model.info.update(train_seconds=round(secs, 1), val_psnr=round(m["psnr"], 2), val_ssim=round(m["ssim"], 4))
         model.save(out_dir / "msd_bone_implant.pt")
-        summary = {"strategy": "supervised", "steps": steps, "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
+        summary = {"strategy": "supervised", "steps": int(model.history.get("steps", steps)), "batch": args.batch,
+                   "n_train_scans": len(train), "device": str(args.device), "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
                    "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
         (out_dir / "msd_bone_implant.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary), flush=True)
@@ -89,7 +105,7 @@ def main(argv=None):
         t = time.perf_counter()
         init = dn.Denoiser.load(out_dir / "msd_n2i_bone_implant.pt") if args.init else None
         _, model = dn.noise2inverse(P, train[0]["angles"], 2, model=init, depth=args.depth, steps=steps,
-                                    seed=args.seed, return_model=True)
+                                    seed=args.seed, return_model=True, device=args.device)
         secs = time.perf_counter() - t
         subs = dn.split_reconstructions(val["projections"], val["angles"], 2)
         pred = np.mean([model(subs[1 - j], progress=False) for j in range(2)], axis=0)
