@@ -1,7 +1,7 @@
-"""Semantic segmentation and active learning on held-out bone-implant phantoms.
+"""Semantic segmentation on held-out bone-implant phantoms (active learning: ``active_learning.py``).
 
     python benchmarks/segmentation.py           # full run (see the results file for its duration)
-    python benchmarks/segmentation.py --quick   # small volumes, one active-learning repeat
+    python benchmarks/segmentation.py --quick   # small volumes
 
 Measures, side by side in one run:
 
@@ -9,9 +9,7 @@ Measures, side by side in one run:
    used for training) for multi-Otsu thresholds, a random-forest pixel classifier on 3D
    filter features, and the shipped 2D U-Net along z, y, x and fused (mean, geometric,
    majority); training and inference seconds;
-2. the time of a three-axis U-Net prediction of a 256^3 volume on this machine;
-3. active learning: mean IoU on a held-out phantom against the number of annotated slices,
-   uncertainty (entropy) sampling vs random sampling, from scratch, with a ground-truth oracle.
+2. the time of a three-axis U-Net prediction of a 256^3 volume on this machine.
 
 Writes ``benchmarks/results/segmentation.md`` and prints it.
 """
@@ -29,19 +27,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tomoml_nb import active, metrics, phantoms, segment  # noqa: E402
+from tomoml_nb import metrics, phantoms, segment  # noqa: E402
 
 NAMES = list(phantoms.BONE_CLASSES)
 # held-out phantoms: seeds used neither by scripts/train_unet.py (1-6, 500, 9001-9003) nor by the notebooks
 HELD_OUT = [((128, 128, 128), 7001, 0.4, 81), ((128, 128, 128), 7002, 0.6, 82), ((128, 128, 128), 7003, 0.8, 83)]
 TRAIN_CLASSICAL = ((96, 96, 96), 1, 0.3)   # the classical methods learn from U-Net training phantom 1
 SPEED_SHAPE = (256, 256, 256)
-# active learning: settings (network size, steps per round, axis balancing) were chosen on a development pair
-# of phantoms (seeds 7101/7102); the benchmark runs on a fresh pair
-AL = dict(pool=((96, 96, 96), 7111, 0.6), eval=((96, 96, 96), 7112, 0.6, 93), rounds=12, repeats=3,
-          steps_per_round=150, stride=4, target=0.9)
-
-
 def phantom(shape, seed, degradation, degradation_seed=None):
     return phantoms.bone_implant(shape, seed=seed, degradation=degradation, degradation_seed=degradation_seed)
 
@@ -105,41 +97,9 @@ def speed(quick):
     return float(np.median(times)), len(times), float(np.nanmean(metrics.iou_per_class(lab, ph.labels, 5)))
 
 
-def active_learning(quick):
-    (pshape, pseed, pdeg) = AL["pool"]
-    (eshape, eseed, edeg, edseed) = AL["eval"]
-    rounds, repeats, steps = AL["rounds"], AL["repeats"], AL["steps_per_round"]
-    if quick:
-        pshape = eshape = (48, 48, 48)
-        rounds, repeats, steps = 4, 1, 20
-    pool = phantom(pshape, pseed, pdeg)
-    ev = phantom(eshape, eseed, edeg, edseed)
-    # how informative is a random pool slice? share of pool slices showing each class
-    shows = []
-    for a in range(3):
-        for i in range(AL["stride"] // 2, pool.labels.shape[a], AL["stride"]):
-            sl = np.take(pool.labels, i, axis=a)
-            shows.append(np.bincount(sl.ravel(), minlength=5) > 0)
-    share = np.mean(shows, 0)
-    results = {"_share": share}
-    for strategy in ("entropy", "random"):
-        results[strategy] = []
-        results[strategy + "_deg"] = []
-        for r in range(repeats):
-            res = active.run_active_learning(pool.image, pool.labels, strategy=strategy, n_rounds=rounds,
-                                             eval_image=ev.image, eval_labels=ev.labels, seed=r,
-                                             steps_per_round=steps, stride=AL["stride"], progress=False)
-            res.pop("learner")
-            results[strategy].append(res)
-            results[strategy + "_deg"].append([v[4] for v in res["iou_per_class"]])
-            print(f"  {strategy} seed {r}: " + " ".join(f"{v:.3f}" for v in res["mean_iou"]), flush=True)
-    return results, dict(pool=pshape, eval=eshape, rounds=rounds, repeats=repeats, steps=steps)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-active", action="store_true", help="skip the active-learning part")
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
     held_out = HELD_OUT if not args.quick else [((64, 64, 64), 7001, 0.6, 81)]
@@ -147,10 +107,6 @@ def main(argv=None):
     methods, iou, secs, train_s, fw = accuracy(held_out, args.quick)
     print("256^3 speed ...", flush=True)
     t256, n256, iou256 = speed(args.quick)
-    al = None
-    if not args.skip_active:
-        print("active learning ...", flush=True)
-        al, al_cfg = active_learning(args.quick)
 
     import torch
 
@@ -206,58 +162,6 @@ def main(argv=None):
                 "(equal-weight fusion still gains on the other classes)."))
     L.append(f"- 256³ volume, three-axis prediction on CPU in under a minute: **{t256:.1f} s** (median of {n256}; "
              f"mean IoU on that phantom {iou256:.3f}) — **{'MET' if t256 < 60 else 'NOT MET'}**.")
-    if al is not None:
-        target = AL["target"]
-        share = al.pop("_share")
-        deg_curves = {s: np.mean(al.pop(s + "_deg"), 0) for s in ("entropy", "random")}
-        mean_curve = {s: np.mean([r["mean_iou"] for r in runs], 0) for s, runs in al.items()}
-        x = np.asarray(al["random"][0]["n_annotated"])
-        rand_final = float(mean_curve["random"][-1])
-        reach = np.flatnonzero(mean_curve["entropy"] >= rand_final)
-        n_unc = int(x[reach[0]]) if reach.size else None
-        n_rand = int(x[-1])
-        to_target = {s: (int(x[np.flatnonzero(c >= target)[0]]) if (c >= target).any() else None)
-                     for s, c in mean_curve.items()}
-        per_seed = {s: [active.annotations_to_reach(r, target) for r in runs] for s, runs in al.items()}
-        ok = n_unc is not None and n_unc <= n_rand / 2
-        L.append(f"- Uncertainty sampling reaches the random-sampling final IoU ({rand_final:.3f} after "
-                 f"{n_rand} slices) with ≤ half of the annotations: entropy sampling reaches it after "
-                 f"**{n_unc if n_unc is not None else f'more than {n_rand}'}** slices — "
-                 f"**{'MET' if ok else 'NOT MET'}**.")
-        L += ["", "### Active learning", "",
-              f"Pool: `bone_implant({al_cfg['pool'][0]}³, seed={AL['pool'][1]})`; IoU measured on held-out "
-              f"`bone_implant({al_cfg['eval'][0]}³, seed={AL['eval'][1]}, degradation_seed={AL['eval'][3]})` with "
-              f"three-axis fused prediction. From scratch (U-Net channels (16, 32, 64, 128)), one slice per round "
-              f"from the pool (every {AL['stride']}th slice along z, y, x; each query from the axis with the fewest "
-              f"annotations, for both strategies), {al_cfg['steps']} warm-start steps per round "
-              f"({2 * al_cfg['steps']} in round 1), oracle = ground truth; mean over {al_cfg['repeats']} seeds "
-              f"(the first slice is random and shared by both strategies for a given seed). These settings were "
-              f"chosen on another pair of phantoms (seeds 7101/7102), not on these.", "",
-              "| annotated slices | " + " | ".join(str(int(v)) for v in x) + " |",
-              "|" + "---|" * (len(x) + 1)]
-        for s, c in mean_curve.items():
-            L.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in c) + " |")
-        L += ["", "Annotated slices needed to reach mean IoU "
-              f"{target}: " + "; ".join(
-                  f"{s}: {to_target[s] if to_target[s] is not None else f'not reached in {n_rand}'}"
-                  f" (per seed {per_seed[s]})" for s in mean_curve) + "."]
-        L += ["", "Degradation-layer IoU (mean over seeds):", "",
-              "| annotated slices | " + " | ".join(str(int(v)) for v in x) + " |", "|" + "---|" * (len(x) + 1)]
-        for s, c in deg_curves.items():
-            L.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in c) + " |")
-        half = max(1, n_rand // 2)
-        why = "**Why the ≤ half target is out of reach on this phantom.** " if not ok else "**Context.** "
-        L += ["", why + "Share of the pool's candidate slices "
-              "that show each class: " + ", ".join(f"{n} {100 * v:.0f} %" for n, v in zip(NAMES, share)) + ". "
-              "The screw runs along z through most of the sample (its tip is drawn at 72–90 % of the depth) and "
-              f"grows with the volume, so {100 * share[4]:.0f} % of the pool's slices already show the degradation "
-              "layer (and nearly all show the three common classes); random sampling is at "
-              f"{mean_curve['random'][half - 1]:.3f} after {half} slices, within "
-              f"{mean_curve['random'][-1] - mean_curve['random'][half - 1]:.3f} of its final value, and both curves "
-              "flatten near what the same network reaches with full volumes (the shipped U-Net: "
-              f"{fused_mean:.3f} on other held-out phantoms). Halving the annotations needs a pool where random "
-              "slices are mostly uninformative (a small implant in a large field of view), which "
-              "`phantoms.bone_implant` cannot generate (its screw scales with the volume)."]
     text = "\n".join(L) + "\n"
     out = HERE / "results" / "segmentation.md"
     out.parent.mkdir(exist_ok=True)

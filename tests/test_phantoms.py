@@ -400,3 +400,19 @@ def test_histology_bad_inputs(kwargs, name):
     with pytest.raises((ValueError, TypeError)) as err:
         P.histology(**args)
     assert str(err.value).startswith(name)
+
+
+def test_bone_implant_small_implant_option():
+    default = P.bone_implant((32, 64, 64), seed=4)
+    small = P.bone_implant((32, 64, 64), seed=4, implant_scale=0.5, implant_tip=0.4)
+    frac = lambda ph: np.mean(ph.labels == 3)  # noqa: E731
+    assert 0 < frac(small) < 0.5 * frac(default)
+    assert small.info["screw_tip_z"] == pytest.approx(0.4 * 32)
+    assert small.info["screw_radius"][0] < 0.6 * default.info["screw_radius"][0]
+    # the anatomy (same seed) is unchanged away from the implant
+    far = np.s_[:, :8, :8]
+    np.testing.assert_array_equal(small.labels[far], default.labels[far])
+    with pytest.raises(ValueError, match="^implant_tip"):
+        P.bone_implant((16, 16, 16), implant_tip=1.5)
+    with pytest.raises(ValueError, match="^implant_scale"):
+        P.bone_implant((16, 16, 16), implant_scale=0)

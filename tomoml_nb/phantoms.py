@@ -196,7 +196,7 @@ def _finish(clean, noise, rng, blur, phase_contrast):
 # --------------------------------------------------------------------------------------
 def bone_implant(shape=(96, 96, 96), seed=0, degradation=0.5, noise=0.02, blur=0.7, screw="metal", *,
                  bone_fraction=0.25, trabecular_scale=3.5, phase_contrast=0.4, cupping=0.06, rings=0.004,
-                 degradation_seed=None, noise_seed=None):
+                 degradation_seed=None, noise_seed=None, implant_scale=1.0, implant_tip=None):
     """Bone sample around a screw implant with a corrosion layer, as in SR-µCT.
 
     A cylindrical sample (axis along z) of soft tissue holds a cortical bone plate
@@ -242,6 +242,14 @@ def bone_implant(shape=(96, 96, 96), seed=0, degradation=0.5, noise=0.02, blur=0
     noise_seed : int, optional
         Seed for the noise only, e.g. two independent noisy copies of the same
         phantom for Noise2Noise. Defaults to one derived from ``seed``.
+    implant_scale : float > 0
+        Size of the screw (radius, thread depth and pitch) and of its corrosion and
+        peri-implant zones relative to the default, which scales with the sample.
+        ``0.5`` in a volume twice as wide gives the default screw in a field of view
+        with four times the cross-section: a small implant in a large sample, where
+        most slices show no implant (the setting in which active learning pays).
+    implant_tip : float in (0, 1], optional
+        Depth of the screw tip as a fraction of ``z`` (default: random in 0.72-0.9).
 
     Returns
     -------
@@ -270,6 +278,9 @@ def bone_implant(shape=(96, 96, 96), seed=0, degradation=0.5, noise=0.02, blur=0
     check_positive(phase_contrast, "phase_contrast", allow_zero=True)
     check_positive(cupping, "cupping", allow_zero=True)
     check_positive(rings, "rings", allow_zero=True)
+    check_positive(implant_scale, "implant_scale")
+    if implant_tip is not None and not 0 < float(implant_tip) <= 1:
+        raise ValueError(f"implant_tip: expected a fraction of the depth in (0, 1], got {implant_tip!r}")
 
     rng = rng_from(seed)
     rng_anat, rng_deg, rng_noise, rng_art = _child(rng), _child(rng), _child(rng), _child(rng)
@@ -330,16 +341,19 @@ def bone_implant(shape=(96, 96, 96), seed=0, degradation=0.5, noise=0.02, blur=0
     off_r = rng_anat.uniform(0, 0.1 * S)
     off_a = rng_anat.uniform(0, 2 * np.pi)
     ay, ax = cy + off_r * np.sin(off_a), cx + off_r * np.cos(off_a)
-    r_core = 0.10 * S * rng_anat.uniform(0.9, 1.1)
-    depth = 0.05 * S
+    Si = S * float(implant_scale)                             # the implant's length scale
+    r_core = 0.10 * Si * rng_anat.uniform(0.9, 1.1)
+    depth = 0.05 * Si
     r_out = r_core + depth
-    pitch = max(5.0, 0.13 * S * rng_anat.uniform(0.85, 1.15))
+    pitch = max(5.0, 0.13 * Si * rng_anat.uniform(0.85, 1.15))
     hand = rng_anat.choice([-1.0, 1.0])
     z_tip = Z * rng_anat.uniform(0.72, 0.9)
+    if implant_tip is not None:
+        z_tip = Z * float(implant_tip)
     phase0 = rng_anat.uniform(0, 1)
 
     # work inside the box around the screw only
-    reach = r_out + degradation * 0.35 * S + 4
+    reach = r_out + degradation * 0.35 * Si + 4
     y0, y1 = max(0, int(ay - reach)), min(Y, int(ay + reach) + 2)
     x0, x1 = max(0, int(ax - reach)), min(X, int(ax + reach) + 2)
     z1 = min(Z, int(z_tip) + int(reach) + 2)
@@ -379,9 +393,9 @@ def bone_implant(shape=(96, 96, 96), seed=0, degradation=0.5, noise=0.02, blur=0
     else:
         layer[:] = False
         porous = np.zeros_like(layer)
-    near = (d >= grow) & (d < grow + 0.06 * S + 2)
+    near = (d >= grow) & (d < grow + 0.06 * Si + 2)
     new_bone = near & (rim_n > -0.2)
-    gap = (d >= 0) & (d < grow + 0.06 * S + 2) & ~new_bone
+    gap = (d >= 0) & (d < grow + 0.06 * Si + 2) & ~new_bone
     lab_b[gap & samp_b] = 1
     lab_b[new_bone & samp_b] = 2
     lab_b[porous & samp_b] = 1
@@ -438,7 +452,8 @@ def bone_implant(shape=(96, 96, 96), seed=0, degradation=0.5, noise=0.02, blur=0
         "params": dict(shape=shape, seed=seed if isinstance(seed, numbers.Integral) else None,
                        degradation=degradation, noise=noise, blur=blur, bone_fraction=bone_fraction,
                        trabecular_scale=trabecular_scale, phase_contrast=phase_contrast, cupping=cupping,
-                       rings=rings, degradation_seed=degradation_seed, noise_seed=noise_seed),
+                       rings=rings, degradation_seed=degradation_seed, noise_seed=noise_seed,
+                       implant_scale=float(implant_scale), implant_tip=implant_tip),
     }
     return Phantom(noisy, labels, info)
 
