@@ -173,6 +173,11 @@ def report(runs, quick, cmd):
             f"{s}: {to_t[s] if to_t[s] is not None else f'not reached in {n_rand}'} (per seed {per_seed[s]})"
             for s in mean) + ". Wall seconds per run (median): " + ", ".join(f"{s} {v:.0f}" for s, v in secs.items())
               + ".", ""]
+        h = max(1, n_rand // 4)
+        L += [f"Early rounds: after {h} slices mean IoU entropy {mean['entropy'][h - 1]:.3f} vs random "
+              f"{mean['random'][h - 1]:.3f} (degradation layer {deg['entropy'][h - 1]:.3f} vs {deg['random'][h - 1]:.3f}); "
+              f"after {2 * h} slices {mean['entropy'][2 * h - 1]:.3f} vs {mean['random'][2 * h - 1]:.3f} "
+              f"({deg['entropy'][2 * h - 1]:.3f} vs {deg['random'][2 * h - 1]:.3f}).", ""]
         verdicts.append(
             f"- **{setting}**: entropy sampling reaches random sampling's final mean IoU ({rand_final:.3f} after "
             f"{n_rand} slices) after **{n_unc if n_unc is not None else f'more than {n_rand}'}** slices — "
@@ -210,7 +215,8 @@ def main(argv=None):
         run_all(args.quick, args.device, args.jobs, runs_dir)
     cmd = "python benchmarks/active_learning.py" + (" --quick" if args.quick else "")
     if any_cuda(runs_dir):
-        cmd += f" --jobs {args.jobs} --device cuda" if args.from_json is None else " (runs on a GPU)"
+        cmd += (f" --jobs {args.jobs} --device cuda" if args.from_json is None
+                else " --jobs 12 --device cuda` on one GPU shared by the 12 runs; report written with `--from-json")
     text = report(load_runs(runs_dir), args.quick, cmd)
     text += f"\nReport written on {platform.machine()}.\n"
     out = HERE / "results" / "active_learning.md"
