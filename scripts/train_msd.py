@@ -22,8 +22,8 @@ parallel; see the model cards for times)::
 
 A deeper network trained longer on a GPU (the published MSD networks have 100+ layers)::
 
-    python scripts/train_msd.py --which supervised --depth 100 --steps 20000 --batch 16 \
-        --extra-train 12 --device cuda --budget-s 420 --out /tmp/msd_gpu
+    python scripts/train_msd.py --which supervised --depth 100 --steps 6000 --batch 16 \
+        --extra-train 12 --device cuda --budget-s 400 --name msd_deep_bone_implant
 """
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--patch", type=int, default=64, help="square patch size")
     ap.add_argument("--extra-train", type=int, default=0,
                     help="this many more training scans (seeds 106..., degradation and flux cycling)")
+    ap.add_argument("--name", default="msd_bone_implant",
+                    help="file stem of the supervised model (msd_deep_bone_implant for the 100-layer GPU model)")
     ap.add_argument("--init", action="store_true",
                     help="continue from the weights already in --out (a warm restart of the cosine schedule)")
     args = ap.parse_args(argv)
@@ -83,7 +85,7 @@ def main(argv=None):
         X = np.concatenate([d["reconstruction"] for d in train])
         Y = np.concatenate([d["truth"] for d in train])
         t = time.perf_counter()
-        init = dn.Denoiser.load(out_dir / "msd_bone_implant.pt") if args.init else None
+        init = dn.Denoiser.load(out_dir / f"{args.name}.pt") if args.init else None
         model = dn.train_supervised(X, Y, model=init, depth=args.depth, steps=steps, seed=args.seed,
                                     batch=args.batch, patch=args.patch, device=args.device,
                                     time_limit=args.budget_s, progress=False,
@@ -91,11 +93,11 @@ def main(argv=None):
         secs = time.perf_counter() - t
         m = dn.evaluate(model(val["reconstruction"], progress=False), val["truth"], mask=mask)
         model.info.update(train_seconds=round(secs, 1), val_psnr=round(m["psnr"], 2), val_ssim=round(m["ssim"], 4))
-        model.save(out_dir / "msd_bone_implant.pt")
+        model.save(out_dir / f"{args.name}.pt")
         summary = {"strategy": "supervised", "steps": int(model.history.get("steps", steps)), "batch": args.batch,
                    "n_train_scans": len(train), "device": str(args.device), "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
                    "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
-        (out_dir / "msd_bone_implant.json").write_text(json.dumps(summary, indent=1))
+        (out_dir / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary), flush=True)
 
     if args.which in ("n2i", "both"):

@@ -202,12 +202,13 @@ def test_simulate_low_dose_bad_inputs():
 
 
 # ------------------------------------------------------------------------------ shipped weights
-@pytest.mark.parametrize("name", ["msd_bone_implant", "msd_n2i_bone_implant"])
-def test_shipped_weights_denoise_a_held_out_phantom(name):
+@pytest.mark.parametrize("name, depth", [("msd_bone_implant", 30), ("msd_n2i_bone_implant", 30),
+                                         ("msd_deep_bone_implant", 100)])
+def test_shipped_weights_denoise_a_held_out_phantom(name, depth):
     from tomoml_nb.phantoms import bone_implant
 
     model = dn.load_pretrained(name)
-    assert model.net.config["depth"] == 30
+    assert model.net.config["depth"] == depth
     vol = bone_implant((16, 128, 128), seed=42, noise=0.0, rings=0.0).image   # seed unused in training
     sim = dn.simulate_low_dose(vol[6:10], n_angles=360, flux=1000, seed=42)
     before = dn.evaluate(sim["reconstruction"], sim["truth"], mask=sim["mask"])["psnr"]
