@@ -162,3 +162,328 @@ def sliding_window(volume, fn: Callable, patch_shape, overlap=None, *, blend: st
     out[:, covered] /= wsum[covered]
     out[:, ~covered] = fill_value
     return out
+
+
+# --------------------------------------------------------------------------- instance labels (issue 4)
+# Tile-and-stitch for instance labellers: every tile is labelled on its own, objects that
+# meet in the overlap of two tiles are matched one-to-one (Hungarian on IoU), each voxel is
+# owned by the tile whose *core* contains it, and matched objects are joined with a
+# union-find that refuses any join that would put two objects of the same tile together.
+__all__ += ["tile_cores", "label_tiles", "stitch_labels"]
+
+
+def _axis_cores(size, starts, patch):
+    """Per-axis core intervals: cut every overlap in its middle, so the cores partition the axis."""
+    cores = []
+    for i, s in enumerate(starts):
+        lo = 0 if i == 0 else (s + starts[i - 1] + patch) // 2
+        hi = size if i == len(starts) - 1 else (starts[i + 1] + s + patch) // 2
+        cores.append((lo, hi))
+    return cores
+
+
+def _tile_layout(shape, tile_shape, overlap):
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    tile_shape = _per_axis(tile_shape, nd, "tile_shape")
+    if any(t < 1 for t in tile_shape):
+        raise ValueError(f"tile_shape: must be >= 1 per axis, got {tile_shape}")
+    if overlap is None:
+        overlap = tuple(t // 4 for t in tile_shape)
+    overlap = _per_axis(overlap, nd, "overlap")
+    eff = tuple(min(t, s) for t, s in zip(tile_shape, shape))     # a tile larger than the volume is clipped
+    for t, o, s in zip(tile_shape, overlap, shape):
+        if t < s and o >= t:
+            raise ValueError(f"overlap: {overlap} must be smaller than tile_shape {tile_shape} on every axis")
+    starts = [patch_starts(s, t, o) for s, t, o in zip(shape, eff, overlap)]
+    cores = [_axis_cores(s, st, t) for s, st, t in zip(shape, starts, eff)]
+    tiles, core_sl, index = [], [], []
+    for idx in itertools.product(*[range(len(st)) for st in starts]):
+        tiles.append(tuple(slice(starts[a][i], starts[a][i] + eff[a]) for a, i in enumerate(idx)))
+        core_sl.append(tuple(slice(*cores[a][i]) for a, i in enumerate(idx)))
+        index.append(idx)
+    return tiles, core_sl, index, eff, overlap
+
+
+def tile_cores(shape, tile_shape, overlap=None):
+    """Tiles of an overlapping grid and the core each one owns (the cores partition the volume).
+
+    Each overlap between two neighbouring tiles is cut in its middle: a voxel belongs to the
+    tile whose core contains it, i.e. to the tile in which it lies farthest from the border.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Volume shape.
+    tile_shape : int or tuple of int
+        Tile size per axis; clipped to the volume where larger (then one tile on that axis).
+    overlap : int or tuple of int, optional
+        Overlap between neighbouring tiles (default: a quarter of the tile).
+
+    Returns
+    -------
+    list of (tile_slices, core_slices)
+
+    Examples
+    --------
+    >>> [(t[0], c[0]) for t, c in tile_cores((100,), 40, 10)]
+    [(slice(0, 40, None), slice(0, 35, None)), (slice(30, 70, None), slice(35, 65, None)), (slice(60, 100, None), slice(65, 100, None))]
+    """
+    tiles, cores, _, _, _ = _tile_layout(shape, tile_shape, overlap)
+    return list(zip(tiles, cores))
+
+
+class _UnionFind:
+    """Union-find over object ids with cannot-link constraints (objects a labeller kept apart)."""
+
+    def __init__(self):
+        self.parent = []
+        self.apart = {}                       # root -> set of ids its set must never join
+
+    def add(self, n):
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def keep_apart(self, a, b):
+        self.apart.setdefault(a, set()).add(b)
+        self.apart.setdefault(b, set()).add(a)
+
+    def find(self, a):
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a, b, guard=True):
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return True
+        sa, sb = self.apart.get(ra, set()), self.apart.get(rb, set())
+        if guard and (any(self.find(x) == rb for x in sa) or any(self.find(x) == ra for x in sb)):
+            return False                      # would join objects that touch but were kept apart: refuse
+        if len(sa) < len(sb):
+            ra, rb, sa, sb = rb, ra, sb, sa
+        self.parent[rb] = ra
+        if sb:
+            self.apart.setdefault(ra, set()).update(sb)
+            self.apart.pop(rb, None)
+        return True
+
+
+def _touching_pairs(lab):
+    """Pairs of different non-zero labels that are face neighbours somewhere in ``lab``."""
+    out = []
+    for ax in range(lab.ndim):
+        a = lab[(slice(None),) * ax + (slice(0, -1),)]
+        b = lab[(slice(None),) * ax + (slice(1, None),)]
+        m = (a != b) & (a > 0) & (b > 0)
+        if m.any():
+            out.append(np.stack([np.minimum(a[m], b[m]), np.maximum(a[m], b[m])]))
+    if not out:
+        return np.zeros((2, 0), np.int64)
+    return np.unique(np.concatenate(out, axis=1), axis=1)
+
+
+def _intersect(a, b):
+    sl = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return sl if all(s.stop > s.start for s in sl) else None
+
+
+def _local(sl, origin):
+    return tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(sl, origin))
+
+
+def _match_pairs(prev, cur, method, iou_threshold):
+    """Object pairs (ids in ``prev``, ids in ``cur``) to join, from the labels of one overlap region."""
+    from scipy.optimize import linear_sum_assignment
+
+    both = (prev > 0) & (cur > 0)
+    if not both.any():
+        return []
+    a, b = prev[both].astype(np.int64), cur[both].astype(np.int64)
+    pairs, inter = np.unique(np.stack([a, b]), axis=1, return_counts=True)
+    if method == "naive":                                  # any shared voxel joins the two objects
+        return list(zip(pairs[0].tolist(), pairs[1].tolist()))
+    ua, ia = np.unique(pairs[0], return_inverse=True)
+    ub, ib = np.unique(pairs[1], return_inverse=True)
+    size_a = dict(zip(*np.unique(prev[prev > 0], return_counts=True)))
+    size_b = dict(zip(*np.unique(cur[cur > 0], return_counts=True)))
+    iou = np.zeros((len(ua), len(ub)))
+    sa = np.array([size_a[v] for v in pairs[0]], np.float64)
+    sb = np.array([size_b[v] for v in pairs[1]], np.float64)
+    iou[ia, ib] = inter / (sa + sb - inter)
+    rows, cols = linear_sum_assignment(-iou)
+    return [(int(ua[r]), int(ub[c])) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
+
+
+def label_tiles(volume, labeller, tile_shape, overlap=None, *, stitch="iou", iou_threshold=0.5, out=None,
+                progress=True, desc="tiles"):
+    """Label a volume tile by tile with any instance labeller and stitch the labels across tiles.
+
+    Each tile (with overlap) is labelled by ``labeller``. Objects of neighbouring tiles are
+    compared in the region the two tiles share:
+
+    * ``stitch="iou"`` (default): a one-to-one assignment (Hungarian) on the IoU of the
+      objects inside the shared region; a pair is joined when its IoU is at least
+      ``iou_threshold``. Joins go through a union-find that refuses any join that would
+      bring together two objects which touch in some tile but were labelled apart there
+      (so a chain of matches through other tiles can never merge two touching objects the
+      labeller separated). A fibre crossing many tiles gets one label; two touching fibres
+      keep two.
+    * ``stitch="naive"``: objects sharing any voxel in the overlap are joined (no IoU, no
+      guard) -- the common recipe that merges touching objects wherever the two tiles
+      disagree by a voxel about their contact. Kept to show that failure.
+
+    Every voxel takes the label of the tile whose core contains it (:func:`tile_cores`).
+    Only one tile is read and labelled at a time; the tile labels that a later tile needs for
+    matching are kept for the overlap shells only, so memory follows the tile size.
+
+    Parameters
+    ----------
+    volume : array_like, shape (*spatial) or (C, *spatial)
+        Anything sliceable (numpy, zarr, h5py, dask); tiles are read with ``np.asarray``.
+        Leading (channel) axes beyond ``len(tile_shape)`` are passed to the labeller.
+    labeller : callable ``tile -> int labels of the tile's spatial shape`` (0 = background)
+    tile_shape : int or tuple of int
+        Tile size (clipped to the volume where larger: that axis is then one tile).
+    overlap : int or tuple of int, optional
+        Overlap between tiles (default: a quarter of the tile). Should exceed the objects'
+        width, so that the overlap holds a good part of each object crossing it.
+    stitch : {"iou", "naive"}
+    iou_threshold : float in (0, 1]
+        Smallest IoU in the shared region for a join (``"iou"`` only).
+    out : array_like, optional
+        Where to write the int32 labels, e.g. a ``zarr`` array for a volume larger than
+        memory (shape = spatial shape). Default: a new numpy array.
+    progress : bool
+        tqdm progress bar.
+
+    Returns
+    -------
+    ndarray or ``out``
+        int32 labels, 0 = background, ``1..n`` unique over the whole volume.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import ndimage as ndi
+    >>> truth = np.zeros((8, 40, 40), np.int32); truth[2:6, 5:8, :] = 1; truth[2:6, 8:11, :] = 2  # touching rods
+    >>> lab = label_tiles(truth, lambda t: ndi.label(t == 1)[0] + 2 * ndi.label(t == 2)[0],
+    ...                   (8, 16, 16), 6, progress=False)
+    >>> len(np.unique(lab)) - 1                       # two rods, each one label over 3 tiles
+    2
+    """
+    from tqdm.auto import tqdm
+
+    from ._validate import check_choice
+
+    check_choice(stitch, "stitch", ("iou", "naive"))
+    if not callable(labeller):
+        raise TypeError(f"labeller: expected a callable tile -> labels, got {type(labeller).__name__}")
+    if not 0 < float(iou_threshold) <= 1:
+        raise ValueError(f"iou_threshold: must be in (0, 1], got {iou_threshold!r}")
+    shape = tuple(np.shape(volume))
+    nd = len(tile_shape) if not np.isscalar(tile_shape) else min(3, len(shape))
+    if len(shape) < nd:
+        raise ValueError(f"tile_shape: {nd} axes for a volume of shape {shape}")
+    spatial = shape[len(shape) - nd:]
+    tiles, cores, index, _, _ = _tile_layout(spatial, tile_shape, overlap)
+    if out is None:
+        out = np.zeros(spatial, np.int32)
+    elif tuple(out.shape) != spatial:
+        raise ValueError(f"out: shape {tuple(out.shape)} differs from the volume's spatial shape {spatial}")
+    uf = _UnionFind()
+    pending = {}                                  # (earlier tile, later tile) -> earlier tile's labels there
+    later = {t: [u for u in range(t + 1, len(tiles)) if _intersect(tiles[t], tiles[u])] for t in range(len(tiles))}
+    present = []
+    for t in tqdm(range(len(tiles)), desc=desc, disable=not progress or len(tiles) < 4):
+        sl = tiles[t]
+        tile = np.asarray(volume[(Ellipsis, *sl)])
+        lab = np.asarray(labeller(tile))
+        tshape = tuple(s.stop - s.start for s in sl)
+        if lab.shape != tshape:
+            raise ValueError(f"labeller: returned shape {lab.shape} for a tile of spatial shape {tshape}")
+        if lab.dtype.kind not in "iub":
+            raise TypeError(f"labeller: must return integer labels, got dtype {lab.dtype}")
+        ids, inv = np.unique(lab, return_inverse=True)
+        n = int((ids > 0).sum())
+        first = uf.add(n)
+        # global ids: first + k for the k-th object of this tile (1-based, 0 stays background)
+        remap = np.zeros(len(ids), np.int64)
+        remap[ids > 0] = first + 1 + np.arange(n)
+        glob = remap[inv.reshape(lab.shape)]
+        if stitch == "iou":
+            for a, b in _touching_pairs(glob).T.tolist():
+                uf.keep_apart(a - 1, b - 1)
+        for u in range(t):
+            if (u, t) not in pending:
+                continue
+            inter, prev = pending.pop((u, t))
+            cur = glob[_local(inter, sl)]
+            for a, b in _match_pairs(prev, cur, stitch, iou_threshold):
+                uf.union(a - 1, b - 1, guard=(stitch == "iou"))
+        for u in later[t]:
+            inter = _intersect(sl, tiles[u])
+            pending[(t, u)] = (inter, glob[_local(inter, sl)].copy())
+        core = glob[_local(cores[t], sl)]
+        present.append(np.unique(core[core > 0]))
+        out[cores[t]] = core                       # provisional ids, renumbered below
+    # final labels: union-find roots numbered 1..n in order of first appearance
+    ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+    roots = np.array([uf.find(int(i) - 1) for i in ids], np.int64)
+    _, first_pos, root_inv = np.unique(roots, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first_pos))
+    lut = np.zeros(len(uf.parent) + 1, np.int32)
+    lut[ids] = (order[root_inv] + 1).astype(np.int32)
+    if isinstance(out, np.ndarray):
+        out[...] = lut[out]
+    else:
+        for c in cores:
+            out[c] = lut[np.asarray(out[c])]
+    return out
+
+
+def stitch_labels(shape, tile_labels, tile_shape, overlap=None, **kwargs):
+    """Stitch instance labels already computed on the tiles of :func:`tile_cores`.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Volume shape.
+    tile_labels : sequence of int arrays
+        Labels of each tile, in the order of ``tile_cores(shape, tile_shape, overlap)``.
+    tile_shape, overlap
+        The tiling that produced them.
+    **kwargs
+        ``stitch``, ``iou_threshold``, ``out``, ``progress`` as in :func:`label_tiles`.
+
+    Returns
+    -------
+    ndarray, int32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> truth = np.zeros((4, 4, 30), np.int32); truth[1:3, 1:3, :] = 7
+    >>> tiles = [truth[t] for t, _ in tile_cores(truth.shape, (4, 4, 12), 4)]
+    >>> np.unique(stitch_labels(truth.shape, tiles, (4, 4, 12), 4, progress=False)).tolist()
+    [0, 1]
+    """
+    layout = tile_cores(shape, tile_shape, overlap)
+    tile_labels = list(tile_labels)
+    if len(tile_labels) != len(layout):
+        raise ValueError(f"tile_labels: got {len(tile_labels)} tiles, the tiling has {len(layout)}")
+    lookup = {tuple((s.start, s.stop) for s in t): i for i, (t, _) in enumerate(layout)}
+    vol_shape = tuple(int(s) for s in shape)
+
+    class _Index:
+        shape = vol_shape
+
+        def __getitem__(self, sl):
+            sl = sl[1:] if sl and sl[0] is Ellipsis else sl
+            return np.array([lookup[tuple((s.start, s.stop) for s in sl)]])
+
+    return label_tiles(_Index(), lambda i: np.asarray(tile_labels[int(i[0])]), tile_shape, overlap, **kwargs)
