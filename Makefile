@@ -33,10 +33,10 @@ demo: $(STAMP)
 	@echo; echo "Reports written to $(CURDIR)/reports/ (open the .html files in any browser, offline)."
 
 test: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	MPLBACKEND=Agg $(BIN)/python -m pytest tests --doctest-modules tomoml_nb $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/python -m pytest tests --ignore=tests/notebooks $(PYTEST_ARGS)
+	MPLBACKEND=Agg $(BIN)/python -m pytest tests --ignore=tests/notebooks --doctest-modules tomoml_nb $(PYTEST_ARGS)
 
 test-notebooks: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m pytest tests/notebooks $(PYTEST_ARGS)
