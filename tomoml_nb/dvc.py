@@ -43,7 +43,6 @@ True
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -273,14 +272,10 @@ def load_model(path, device="cpu"):
     4
     """
     from . import weights
-    from .train import resolve_device
 
     state = weights.load_state(path, format=_FORMAT)
     net = make_model(**state["config"])
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
-    net.tomoml_history = state.get("history", {})
-    net.tomoml_meta = state.get("meta", {})
-    return net.to(resolve_device(device)).eval()
+    return weights.restore(net, state, device)
 
 
 def pretrained_path(name="synthetic") -> Path:

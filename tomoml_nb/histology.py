@@ -359,31 +359,26 @@ def _label_nmi(labels, k, values, mask, bins=32):
     return float(_nmi_from_joint(joint))
 
 
+def _entropies(joint, axis=(0, 1)):
+    """Entropies H(a), H(b), H(a, b) (nats) from joint counts; ``axis`` are the (a, b) axes."""
+    p = joint / np.maximum(joint.sum(axis=axis, keepdims=True), 1e-12)
+
+    def ent(q):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -np.where(q > 0, q * np.log(q), 0.0).sum(axis=axis)
+
+    return ent(p.sum(axis=axis[1], keepdims=True)), ent(p.sum(axis=axis[0], keepdims=True)), ent(p)
+
+
 def _mi_from_joint(joint, axis=(0, 1)):
     """Mutual information H(a) + H(b) - H(a, b) (nats) from joint counts; ``axis`` are the (a, b) axes."""
-    n = joint.sum(axis=axis, keepdims=True)
-    p = joint / np.maximum(n, 1e-12)
-
-    def ent(q, ax):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return -np.where(q > 0, q * np.log(q), 0.0).sum(axis=ax)
-
-    return (ent(p.sum(axis=axis[1], keepdims=True), axis) + ent(p.sum(axis=axis[0], keepdims=True), axis)
-            - ent(p, axis))
+    h_a, h_b, h_ab = _entropies(joint, axis)
+    return h_a + h_b - h_ab
 
 
 def _nmi_from_joint(joint, axis=(0, 1)):
     """NMI (H(a) + H(b)) / H(a, b) from joint counts; ``axis`` are the (a, b) axes."""
-    n = joint.sum(axis=axis, keepdims=True)
-    p = joint / np.maximum(n, 1e-12)
-
-    def ent(q, ax):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return -np.where(q > 0, q * np.log(q), 0.0).sum(axis=ax)
-
-    h_ab = ent(p, axis)
-    h_a = ent(p.sum(axis=axis[1], keepdims=True), axis)
-    h_b = ent(p.sum(axis=axis[0], keepdims=True), axis)
+    h_a, h_b, h_ab = _entropies(joint, axis)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(h_ab > 1e-12, (h_a + h_b) / np.maximum(h_ab, 1e-12), 1.0)
     return out
@@ -2104,18 +2099,12 @@ def load_model(path, device="cpu"):
     """
     from . import weights
     from .models.cyclegan import CycleGAN
-    from .train import resolve_device
 
     state = weights.load_state(path, format=_FORMAT)
     cfg = dict(state["config"])
     net = CycleGAN(cfg["channels"], cfg["base"], cfg["n_down"], cfg["n_blocks"], cfg["d_base"], cfg["d_layers"],
                    cfg["norm"], discriminators=False, generator=cfg.get("generator", "unet"))
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
-    net.tomoml_config = cfg
-    net.tomoml_history = state.get("history", {})
-    net.tomoml_meta = state.get("meta", {})
-    net.to(resolve_device(device)).eval()
-    return net
+    return weights.restore(net, state, device)
 
 
 def pretrained_path(name="bone_implant") -> Path:

@@ -1187,19 +1187,13 @@ def load_model(path, device="cpu"):
     """
     from . import weights
     from .models.unet import build_unet
-    from .train import resolve_device
 
     state = weights.load_state(path, format=_FORMAT)
     cfg = dict(state["config"])
     net = build_unet(cfg["n_classes"], cfg["channels"], in_channels=cfg.get("in_channels", 1),
                      num_res_units=cfg.get("num_res_units", 1), dropout=cfg.get("dropout", 0.0),
                      norm=cfg.get("norm", "batch"))
-    net.load_state_dict(state["state_dict"])
-    net.tomoml_config = cfg
-    net.tomoml_history = state.get("history", {})
-    net.tomoml_meta = state.get("meta", {})
-    net.to(resolve_device(device)).eval()
-    return net
+    return weights.restore(net, state, device)
 
 
 def pretrained_path(name="bone_implant") -> Path:

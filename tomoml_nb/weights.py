@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["WEIGHTS_DIR", "save_state", "load_state", "shipped_path", "shipped"]
+__all__ = ["WEIGHTS_DIR", "save_state", "load_state", "restore", "shipped_path", "shipped"]
 
 #: Folder of the weights shipped with the package (``tomoml_nb/weights``).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -115,6 +115,30 @@ def load_state(path, *, format):
     state.setdefault("history", {})
     state.setdefault("meta", {})
     return state
+
+
+def restore(net, state, device="cpu"):
+    """Load ``state`` (from :func:`load_state`) into the network ``net`` built from its config.
+
+    Floating-point tensors stored in reduced precision are cast back to float32; the
+    network gets ``tomoml_config``, ``tomoml_history`` and ``tomoml_meta`` attributes and
+    is moved to ``device`` in eval mode.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> p = save_state(os.path.join(tempfile.mkdtemp(), "lin.pt"), format="demo.linear/1",
+    ...                config={"n": 2}, state_dict=torch.nn.Linear(2, 1).state_dict())
+    >>> restore(torch.nn.Linear(2, 1), load_state(p, format="demo.linear/1")).tomoml_config
+    {'n': 2}
+    """
+    from .train import resolve_device
+
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
+    net.tomoml_config = dict(state["config"])
+    net.tomoml_history = state.get("history", {})
+    net.tomoml_meta = state.get("meta", {})
+    return net.to(resolve_device(device)).eval()
 
 
 def shipped_path(filename, script=None) -> Path:

@@ -68,6 +68,14 @@ class _ResBlock(nn.Module):
         return x + self.body(x)
 
 
+def _check_generator(in_channels, out_channels, base, n_down, n_blocks, norm):
+    """Validate the arguments both generators share; errors name the parameter."""
+    if norm not in _NORMS:
+        raise ValueError(f"norm: unknown value {norm!r}; choose one of {_NORMS}")
+    return (_check_int(in_channels, "in_channels", 1), _check_int(out_channels, "out_channels", 1),
+            _check_int(base, "base", 1), _check_int(n_down, "n_down", 0), _check_int(n_blocks, "n_blocks", 0))
+
+
 class ResnetGenerator(nn.Module):
     """CycleGAN ResNet generator ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` in [-1, 1].
 
@@ -93,13 +101,8 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, in_channels=1, out_channels=3, base=16, n_down=2, n_blocks=4, norm="instance"):
         super().__init__()
-        in_channels = _check_int(in_channels, "in_channels", 1)
-        out_channels = _check_int(out_channels, "out_channels", 1)
-        base = _check_int(base, "base", 1)
-        n_down = _check_int(n_down, "n_down", 0)
-        n_blocks = _check_int(n_blocks, "n_blocks", 0)
-        if norm not in _NORMS:
-            raise ValueError(f"norm: unknown value {norm!r}; choose one of {_NORMS}")
+        in_channels, out_channels, base, n_down, n_blocks = _check_generator(
+            in_channels, out_channels, base, n_down, n_blocks, norm)
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, base, 7), _norm(norm, base), nn.ReLU(inplace=True)]
         c = base
         for _ in range(n_down):
@@ -155,13 +158,8 @@ class UNetGenerator(nn.Module):
 
     def __init__(self, in_channels=1, out_channels=3, base=16, n_down=2, n_blocks=2, norm="instance"):
         super().__init__()
-        in_channels = _check_int(in_channels, "in_channels", 1)
-        out_channels = _check_int(out_channels, "out_channels", 1)
-        base = _check_int(base, "base", 1)
-        n_down = _check_int(n_down, "n_down", 0)
-        n_blocks = _check_int(n_blocks, "n_blocks", 0)
-        if norm not in _NORMS:
-            raise ValueError(f"norm: unknown value {norm!r}; choose one of {_NORMS}")
+        in_channels, out_channels, base, n_down, n_blocks = _check_generator(
+            in_channels, out_channels, base, n_down, n_blocks, norm)
         chans = [base * 2 ** k for k in range(n_down + 1)]
         self.enc = nn.ModuleList([nn.Sequential(*_conv(in_channels, chans[0], norm), *_conv(chans[0], chans[0], norm))])
         for k in range(1, n_down + 1):
