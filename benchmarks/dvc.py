@@ -259,7 +259,9 @@ def main(argv=None):
              f"Classical 'best' settings chosen on validation pairs (concrete, bone seed 50, field seeds >= 5000): "
              + "; ".join(f"{k} {v['settings']} (val EPE {v['val_epe']:.3f})" for k, v in best.items()) + ".",
              "", f"VolRAFT weights: {dvc.pretrained_path().name}, validation EPE at training "
-             f"{card.get('val_epe', float('nan')):.3f}; inference patch 64^3, overlap 16, 12 iterations.", "",
+             f"{card.get('val_epe', float('nan')):.3f}; inference patch 64^3, overlap 16, {dvc.inference_iters(net)} "
+             f"iterations (the number stored with the weights, chosen on the training script's validation pairs; "
+             f"see the model card).", "",
              "| texture | size | field | max amp | " + " | ".join(labels) + " | best classical / volraft |",
              "|---|---|---|---|" + "---|" * len(labels) + "---|"]
     ratios, small_amp, speed = [], [], []

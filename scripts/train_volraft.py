@@ -99,6 +99,17 @@ def load_textures(data_dir, t0):
     return vols
 
 
+def choose_and_save_iters(net, val_batches, out, dev, t0):
+    """Store the number of refinement iterations with the lowest validation EPE in the weights."""
+    best, epe = dvc.choose_iters(net, val_batches, device=dev)
+    log(t0, "validation EPE by inference iterations: " + ", ".join(f"{k}: {v:.4f}" for k, v in epe.items())
+        + f" -> inference_iters {best}")
+    meta = {**getattr(net, "tomoml_meta", {}), "inference_iters": best,
+            "val_epe_by_iters": {str(k): round(v, 4) for k, v in epe.items()}}
+    dvc.save_model(net, out, history=getattr(net, "tomoml_history", {}), **meta)
+    return {str(k): v for k, v in epe.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -117,6 +128,10 @@ def main(argv=None):
     ap.add_argument("--curriculum", type=float, default=0.25,
                     help="fraction of the steps over which the max amplitude ramps from 3 to 10 voxels")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (fine-tuning)")
+    ap.add_argument("--n-val", type=int, default=None, help="validation batches of 4 pairs (default 8 GPU / 3 CPU)")
+    ap.add_argument("--choose-iters-only", action="store_true",
+                    help="no training: choose the inference iterations of --init on the validation pairs and "
+                         "write the weights with that choice to --out")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -147,9 +162,15 @@ def main(argv=None):
     val_sampler = dvc.SyntheticPairs(val_tex, patch=patch, margin=12, n_fields=48, amplitude=(0.3, 10.0),
                                      noise=(0.001, 0.1), procedural=0.4, seed=args.seed + 5000, device=dev)
     vrng = np.random.default_rng(args.seed + 7000)
-    n_val = 8 if gpu else 3
+    n_val = args.n_val or (8 if gpu else 3)
     val_batches = [val_sampler.sample(4, vrng) for _ in range(n_val)]
     log(t0, f"validation: {n_val * 4} held-out pairs")
+
+    if args.choose_iters_only:
+        if args.init is None:
+            raise SystemExit("--choose-iters-only needs --init WEIGHTS")
+        choose_and_save_iters(dvc.load_model(args.init, device=dev), val_batches, args.out, dev, t0)
+        return
 
     model = dvc.make_model()
     if args.init is not None:
@@ -224,6 +245,7 @@ def main(argv=None):
     done = hist["steps"]
     if best["val_epe"] == float("inf"):
         dvc.save_model(model, args.out, script="scripts/train_volraft.py")
+    iters_epe = choose_and_save_iters(dvc.load_model(args.out, device=dev), val_batches, args.out, dev, t0)
     elapsed = time.perf_counter() - t0
     size_mb = args.out.stat().st_size / 1e6
     summary = {"steps": done, "seconds": elapsed, "train_seconds": hist["seconds"],
@@ -232,7 +254,7 @@ def main(argv=None):
                "weights_mb": size_mb, "device": str(dev),
                "gpu": torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine(),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "patch": patch, "batch": batch, "n_fields": n_fields}
+               "patch": patch, "batch": batch, "n_fields": n_fields, "val_epe_by_iters": iters_epe}
     Path(str(args.out) + ".json").write_text(json.dumps(summary, indent=1))
     log(t0, f"done: {done} steps, best val EPE {best['val_epe']:.4f} at step {best['step']}, "
             f"{size_mb:.2f} MB -> {args.out}")

@@ -276,3 +276,38 @@ def test_bad_options_name_the_parameter(texture):
         dvc.estimate_displacement(texture, texture, "volraft", patch_shape=8, model=dvc.make_model())
     with pytest.raises(TypeError, match="^model"):
         dvc.estimate_displacement(texture, texture, "volraft", model=torch.nn.Linear(1, 1))
+
+
+# ---------------------------------------------------------------- inference iterations
+class _CountingNet(_PhaseCorrelationNet):
+    def __init__(self, meta=None):
+        super().__init__()
+        self.seen = []
+        if meta is not None:
+            self.tomoml_meta = meta
+
+    def forward(self, fixed, moving, iters=1):
+        self.seen.append(iters)
+        return super().forward(fixed, moving, iters)
+
+
+@pytest.mark.parametrize("meta,given,expected", [(None, None, dvc.DEFAULT_ITERS), ({"inference_iters": 5}, None, 5),
+                                                 ({"inference_iters": 5}, 3, 3)])
+def test_volraft_iterations_follow_the_weights_unless_given(texture, meta, given, expected):
+    net = _CountingNet(meta)
+    dvc.estimate_displacement(texture, texture, "volraft", model=net, iters=given, patch_shape=32, overlap=8,
+                              progress=False)
+    assert net.seen and set(net.seen) == {expected}
+
+
+def test_shipped_weights_store_the_iterations_chosen_on_validation(net):
+    chosen = net.tomoml_meta["inference_iters"]
+    by_iters = {int(k): v for k, v in net.tomoml_meta["val_epe_by_iters"].items()}
+    assert dvc.inference_iters(net) == chosen == min(by_iters, key=by_iters.get)
+
+
+def test_choose_iters_rejects_bad_candidates():
+    with pytest.raises(ValueError, match="candidates"):
+        dvc.choose_iters(dvc.make_model(), [], candidates=())
+    with pytest.raises(ValueError, match="candidates"):
+        dvc.choose_iters(dvc.make_model(), [], candidates=(0,))

@@ -53,11 +53,13 @@ from .train import limit_cpu_threads as _threads
 __all__ = [
     "METHODS", "OPTFLOW_PRESETS", "SKIMAGE_PRESETS", "estimate_displacement", "strain", "synthetic_pair",
     "SyntheticPairs", "make_model", "save_model", "load_model", "load_pretrained", "pretrained_path",
-    "fine_tune", "sequence_loss", "evaluate", "plot_strain", "plot_error_maps",
+    "fine_tune", "sequence_loss", "evaluate", "choose_iters", "inference_iters", "DEFAULT_ITERS", "plot_strain",
+    "plot_error_maps",
 ]
 
 METHODS = ("volraft", "optflow", "tvl1", "ilk")
 _FORMAT = "tomoml_nb.dvc.volraft/1"
+DEFAULT_ITERS = 12          # refinement iterations when the weights do not name their own
 _PRETRAINED = {"synthetic": "volraft_synthetic.pt"}
 
 #: Settings of this package's variational optical flow. "optimised" was chosen on validation
@@ -111,7 +113,7 @@ def _normalise_pair(fixed, moving):
 # public entry point
 # --------------------------------------------------------------------------------------
 def estimate_displacement(fixed, moving, method="volraft", mask=None, *, preset="default", model=None,
-                          patch_shape=64, overlap=16, iters=12, device="auto", progress=True, seed=0, **kwargs):
+                          patch_shape=64, overlap=16, iters=None, device="auto", progress=True, seed=0, **kwargs):
     """Dense 3D displacement ``u`` with ``moving(x + u(x)) ≈ fixed(x)``.
 
     Parameters
@@ -135,8 +137,10 @@ def estimate_displacement(fixed, moving, method="volraft", mask=None, *, preset=
         Network for ``"volraft"`` (default: the shipped weights, :func:`load_pretrained`).
     patch_shape, overlap : int or tuple
         Patch size and overlap of the sliding window for ``"volraft"``.
-    iters : int
-        Recurrent refinement iterations of the network.
+    iters : int, optional
+        Recurrent refinement iterations of the network. Default: the number stored with
+        the weights (``inference_iters``, chosen on validation pairs by
+        :func:`choose_iters`; 4 for the shipped network), else 12.
     device : str
         ``"auto"`` picks CUDA when available (``"volraft"``, ``"optflow"``).
     progress : bool
@@ -165,10 +169,13 @@ def estimate_displacement(fixed, moving, method="volraft", mask=None, *, preset=
     fixed, moving, mask = _check_pair(fixed, moving, mask)
     f, m = _normalise_pair(fixed, moving)
     if method == "volraft":
-        iters = check_positive(iters, "iters", integer=True)
+        if iters is not None:
+            iters = check_positive(iters, "iters", integer=True)
         if kwargs:
             raise TypeError(f"{next(iter(kwargs))}: not an option of method 'volraft'")
         net = model if model is not None else load_pretrained(device=device)
+        if iters is None:
+            iters = inference_iters(net)
         return _volraft(f, m, mask, net, patch_shape, overlap, iters, device, progress)
     if method == "optflow":
         opts = dict(OPTFLOW_PRESETS[preset])
@@ -830,6 +837,54 @@ def evaluate(model, pairs, iters=12, device="auto"):
             errs.append(float(torch.sqrt(((out - u.to(dev)) ** 2).sum(1)).mean()))
     model.train(was_training)
     return float(np.mean(errs))
+
+
+def inference_iters(model):
+    """Refinement iterations to use with ``model``: the ``inference_iters`` stored with its
+    weights (see :func:`choose_iters`), else :data:`DEFAULT_ITERS`.
+
+    Examples
+    --------
+    >>> inference_iters(make_model())
+    12
+    """
+    return int(getattr(model, "tomoml_meta", {}).get("inference_iters", DEFAULT_ITERS))
+
+
+def choose_iters(model, pairs, candidates=(4, 6, 8, 12), device="auto"):
+    """Pick the number of refinement iterations with the lowest mean EPE on validation pairs.
+
+    An under-trained recurrent network can drift after the number of iterations it was
+    trained with, so more iterations are not always better; the choice is stored in the
+    weights' metadata as ``inference_iters`` by ``scripts/train_volraft.py`` and used by
+    :func:`estimate_displacement` when ``iters`` is not given.
+
+    Parameters
+    ----------
+    model : VolRAFT
+    pairs : list of ``(fixed, moving, u)`` tensor batches
+        Validation pairs, never the benchmark's test cases.
+    candidates : sequence of int
+    device : str
+
+    Returns
+    -------
+    (int, dict)
+        The best number of iterations and the mean EPE of every candidate.
+
+    Examples
+    --------
+    >>> import torch
+    >>> z = torch.zeros(1, 1, 16, 16, 16); z[..., 8:, :, :] = 1
+    >>> best, epe = choose_iters(make_model(), [(z, z, torch.zeros(1, 3, 16, 16, 16))], (1, 2), device="cpu")
+    >>> best in (1, 2), sorted(epe)
+    (True, [1, 2])
+    """
+    cands = [check_positive(c, "candidates", integer=True) for c in candidates]
+    if not cands:
+        raise ValueError("candidates: give at least one number of iterations")
+    epe = {c: evaluate(model, pairs, iters=c, device=device) for c in cands}
+    return min(epe, key=epe.get), epe
 
 
 def fine_tune(model, volumes, steps=50, *, patch=32, batch_size=2, lr=1e-4, amplitude=(0.3, 8.0), noise=(0.0, 0.05),
