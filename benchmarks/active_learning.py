@@ -15,11 +15,15 @@ prediction of a *different* phantom. Two settings:
 ``small implant``
     a small screw (``implant_scale=0.5``) ending at a third of the depth of a sample twice as wide,
     so that most slices show no implant: the situation of a real implant in a large field of view.
+``default, windows``
+    the default phantoms with sparse annotation: four 32 x 32 windows per round instead of whole
+    slices (``ActiveLearner(region=32)``), as a user painting with a brush in ilastik would label
+    the uncertain places only. Run only this setting with ``--settings "default, windows"``.
 
 The learner's settings (network size, steps per round, axis balancing) were chosen on another pair
 of default phantoms (seeds 7101/7102) and are used unchanged for both settings.
 
-Writes ``benchmarks/results/active_learning.md`` and prints it; per-run curves go to
+Writes ``benchmarks/results/active_learning.md`` (``--out``) and prints it; per-run curves go to
 ``benchmarks/results/active_learning/*.json``.
 """
 from __future__ import annotations
@@ -54,6 +58,12 @@ SETTINGS = {
                           eval=dict(shape=(96, 192, 192), seed=7122, degradation=0.6, degradation_seed=94,
                                     implant_scale=0.5, implant_tip=0.35),
                           rounds=16, seeds=(0, 1, 2)),
+    # sparse annotation (ilastik-like): four 32 x 32 windows of slices per round instead of whole slices
+    # (a window is 1/9 of a 96 x 96 slice); the same phantoms as "default"; settings fixed before the run
+    "default, windows": dict(pool=dict(shape=(96, 96, 96), seed=7111, degradation=0.6),
+                             eval=dict(shape=(96, 96, 96), seed=7112, degradation=0.6, degradation_seed=93),
+                             rounds=12, seeds=(0, 1, 2), learner=dict(region=32), per_round=4,
+                             unit="windows (32 x 32)"),
 }
 QUICK = dict(shape=(48, 48, 48), wide=(32, 64, 64), rounds=3, steps=20, seeds=(0,))
 
@@ -64,13 +74,13 @@ def settings(quick):
     out = {}
     for name, s in SETTINGS.items():
         shape = QUICK["wide"] if name == "small implant" else QUICK["shape"]
-        out[name] = dict(pool=dict(s["pool"], shape=shape), eval=dict(s["eval"], shape=shape),
+        out[name] = dict(s, pool=dict(s["pool"], shape=shape), eval=dict(s["eval"], shape=shape),
                          rounds=QUICK["rounds"], seeds=QUICK["seeds"])
     return out
 
 
 def slug(setting, strategy, seed):
-    return f"{setting.replace(' ', '_')}__{strategy}__{seed}"
+    return f"{setting.replace(',', '').replace(' ', '_')}__{strategy}__{seed}"
 
 
 def class_share(labels, stride):
@@ -87,20 +97,24 @@ def one_run(setting, strategy, seed, quick, device):
     pool = phantoms.bone_implant(**cfg["pool"])
     ev = phantoms.bone_implant(**cfg["eval"])
     kw = dict(LEARNER, steps_per_round=QUICK["steps"]) if quick else dict(LEARNER)
+    kw.update(cfg.get("learner", {}))
     t0 = time.perf_counter()
     res = active.run_active_learning(pool.image, pool.labels, strategy=strategy, n_rounds=cfg["rounds"],
-                                     eval_image=ev.image, eval_labels=ev.labels, seed=seed, progress=False,
-                                     device=device, **kw)
+                                     per_round=cfg.get("per_round", 1), eval_image=ev.image, eval_labels=ev.labels,
+                                     seed=seed, progress=False, device=device, **kw)
     res.pop("learner")
     res = {k: (np.asarray(v).tolist() if isinstance(v, (list, np.ndarray)) else v) for k, v in res.items()}
-    res.update(setting=setting, seed=seed, wall_seconds=time.perf_counter() - t0, device=str(device),
+    from tomoml_nb.train import resolve_device
+
+    res.update(setting=setting, seed=seed, wall_seconds=time.perf_counter() - t0, device=str(resolve_device(device)),
                share=class_share(pool.labels, kw["stride"]).tolist())
     return res
 
 
-def run_all(quick, device, jobs, out_dir):
+def run_all(quick, device, jobs, out_dir, only=None):
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(name, strat, seed) for name, s in settings(quick).items() for strat in STRATEGIES for seed in s["seeds"]]
+    todo = [(name, strat, seed) for name, s in settings(quick).items() for strat in STRATEGIES for seed in s["seeds"]
+            if only is None or name in only]
     procs = []
     for name, strat, seed in todo:
         path = out_dir / f"{slug(name, strat, seed)}.json"
@@ -135,15 +149,22 @@ def curve_row(name, values):
 def report(runs, quick, cmd):
     any_run = next(iter(next(iter(runs.values())).values()))[0]
     L = ["## Active learning (issue 5)", "",
-         f"Run: `{cmd}`; device of the runs: {any_run['device']}; mean over seeds. One slice annotated per round "
-         f"(every {LEARNER['stride']}th slice along z, y, x is a candidate; each query comes from the axis with the "
-         f"fewest annotations, for both strategies), {LEARNER['steps_per_round']} warm-start steps per round "
-         "(twice that in round 1), U-Net channels (16, 32, 64, 128), oracle = ground truth; mean IoU of the "
-         "three-axis fused prediction of a held-out phantom (other anatomy and corrosion seeds). The first slice "
+         f"Report: `{cmd}`; mean over seeds. The runs of the slice settings were made on one GPU shared by 12 "
+         "runs (`--jobs 12 --device cuda`), those of the window setting on this CPU (`--settings \"default, windows\" "
+         "--device cpu`); the device of each setting is named with it. Slice settings: one "
+         f"whole slice annotated per round (every {LEARNER['stride']}th slice along z, y, x is a candidate; each "
+         "query comes from the axis with the fewest annotations, for both strategies). Window settings: sparse "
+         "annotation as with a brush in ilastik -- several square windows of slices per round, the most uncertain "
+         "window of each candidate slice (entropy) or a random window of a random slice (random), axes balanced "
+         f"the same way; only the window's pixels are labelled. {LEARNER['steps_per_round']} warm-start steps per "
+         "round (twice that in round 1), U-Net channels (16, 32, 64, 128), oracle = ground truth; mean IoU of the "
+         "three-axis fused prediction of a held-out phantom (other anatomy and corrosion seeds). The first query "
          "is random and shared by both strategies for a given seed.", ""]
     verdicts, verdict_ok = [], {}
     for setting, by in runs.items():
         cfg = settings(quick)[setting]
+        unit = cfg.get("unit", "slices")
+        short = unit.split(" (")[0]
         share = np.asarray(by["random"][0]["share"])
         x = np.asarray(by["random"][0]["n_annotated"])
         mean = {s: np.mean([r["mean_iou"] for r in by[s]], 0) for s in STRATEGIES if s in by}
@@ -162,26 +183,34 @@ def report(runs, quick, cmd):
               f"Pool `bone_implant({', '.join(f'{k}={v}' for k, v in pool.items())})`; evaluation "
               f"`bone_implant({', '.join(f'{k}={v}' for k, v in ev.items())})`. Share of candidate slices that "
               "show each class: " + ", ".join(f"{n} {100 * v:.0f} %" for n, v in zip(NAMES, share)) + ".", "",
-              "Mean IoU:", "", "| annotated slices | " + " | ".join(str(int(v)) for v in x) + " |",
+              f"Runs on: {by['random'][0]['device']}; {cfg.get('per_round', 1)} "
+              f"{short if cfg.get('per_round', 1) > 1 else short[:-1]} per round.", "",
+              "Mean IoU:", "", f"| annotated {unit} | " + " | ".join(str(int(v)) for v in x) + " |",
               "|" + "---|" * (len(x) + 1)]
         L += [curve_row(s, c) for s, c in mean.items()]
-        L += ["", "Degradation-layer IoU:", "", "| annotated slices | " + " | ".join(str(int(v)) for v in x) + " |",
+        if cfg.get("learner", {}).get("region") and all("annotated_pixels" in r for s in mean for r in by[s]):
+            slice_px = float(np.prod(cfg["pool"]["shape"][1:]))
+            for s in mean:   # windows may overlap earlier ones: the labelled pixels differ per strategy
+                px = np.mean([r["annotated_pixels"] for r in by[s]], 0)
+                L += [f"| {s}: labelled pixels, in slices of {int(slice_px)} | "
+                      + " | ".join(f"{v / slice_px:.2f}" for v in px) + " |"]
+        L += ["", "Degradation-layer IoU:", "", f"| annotated {unit} | " + " | ".join(str(int(v)) for v in x) + " |",
               "|" + "---|" * (len(x) + 1)]
         L += [curve_row(s, c) for s, c in deg.items()]
         secs = {s: float(np.median([r["wall_seconds"] for r in by[s]])) for s in mean}
-        L += ["", f"Slices to reach mean IoU {TARGET}: " + "; ".join(
+        L += ["", f"{short.capitalize()} to reach mean IoU {TARGET}: " + "; ".join(
             f"{s}: {to_t[s] if to_t[s] is not None else f'not reached in {n_rand}'} (per seed {per_seed[s]})"
             for s in mean) + ". Wall seconds per run (median): " + ", ".join(f"{s} {v:.0f}" for s, v in secs.items())
               + ".", ""]
-        h = max(1, n_rand // 4)
-        L += [f"Early rounds: after {h} slices mean IoU entropy {mean['entropy'][h - 1]:.3f} vs random "
+        h = max(1, len(x) // 4)                       # rounds; x[r - 1] annotations after round r
+        L += [f"Early rounds: after {int(x[h - 1])} {short} mean IoU entropy {mean['entropy'][h - 1]:.3f} vs random "
               f"{mean['random'][h - 1]:.3f} (degradation layer {deg['entropy'][h - 1]:.3f} vs {deg['random'][h - 1]:.3f}); "
-              f"after {2 * h} slices {mean['entropy'][2 * h - 1]:.3f} vs {mean['random'][2 * h - 1]:.3f} "
+              f"after {int(x[2 * h - 1])} {short} {mean['entropy'][2 * h - 1]:.3f} vs {mean['random'][2 * h - 1]:.3f} "
               f"({deg['entropy'][2 * h - 1]:.3f} vs {deg['random'][2 * h - 1]:.3f}).", ""]
         verdicts.append(
             f"- **{setting}**: entropy sampling reaches random sampling's final mean IoU ({rand_final:.3f} after "
-            f"{n_rand} slices) after **{n_unc if n_unc is not None else f'more than {n_rand}'}** slices — "
-            f"≤ half: **{'MET' if ok_half else 'NOT MET'}**; slices to reach {TARGET}: entropy "
+            f"{n_rand} {short}) after **{n_unc if n_unc is not None else f'more than {n_rand}'}** {short} — "
+            f"≤ half: **{'MET' if ok_half else 'NOT MET'}**; {short} to reach {TARGET}: entropy "
             f"{to_t['entropy'] if to_t['entropy'] is not None else '—'} vs random "
             f"{to_t['random'] if to_t['random'] is not None else '—'}"
             + (f" (ratio {ratio:.2f})." if ratio is not None else "."))
@@ -201,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="parallel run processes")
     ap.add_argument("--runs-dir", type=Path, default=HERE / "results" / "active_learning")
     ap.add_argument("--from-json", type=Path, default=None, help="write the report from saved runs only")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "active_learning.md")
+    ap.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS),
+                    help="run only these settings (the report uses every saved run in --runs-dir)")
     ap.add_argument("--one", nargs=3, metavar=("SETTING", "STRATEGY", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -212,22 +244,19 @@ def main(argv=None):
         return 0
     runs_dir = args.from_json or args.runs_dir
     if args.from_json is None:
-        run_all(args.quick, args.device, args.jobs, runs_dir)
+        run_all(args.quick, args.device, args.jobs, runs_dir, args.settings)
     cmd = "python benchmarks/active_learning.py" + (" --quick" if args.quick else "")
-    if any_cuda(runs_dir):
-        cmd += (f" --jobs {args.jobs} --device cuda" if args.from_json is None
-                else " --jobs 12 --device cuda` on one GPU shared by the 12 runs; report written with `--from-json")
+    if args.from_json is not None:
+        cmd += f" --from-json {args.from_json.relative_to(HERE.parent) if args.from_json.is_absolute() and HERE.parent in args.from_json.parents else args.from_json}"
+    elif args.device != "auto":
+        cmd += f" --jobs {args.jobs} --device {args.device}"
     text = report(load_runs(runs_dir), args.quick, cmd)
     text += f"\nReport written on {platform.machine()}.\n"
-    out = HERE / "results" / "active_learning.md"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
     return 0
-
-
-def any_cuda(runs_dir):
-    return any("cuda" in json.loads(p.read_text()).get("device", "") for p in Path(runs_dir).glob("*.json"))
 
 
 if __name__ == "__main__":

@@ -146,6 +146,62 @@ def test_run_active_learning_and_curves(phantom):
         active.plot_learning_curves([])
 
 
+
+# --------------------------------------------------------------------------- region mode
+def test_region_mode_queries_windows_and_keeps_only_their_pixels(phantom):
+    learner = active.ActiveLearner(phantom.image, 5, strategy="entropy", region=12, seed=0, **SMALL)
+    annotate = active.oracle(phantom.labels)
+    first = learner.query(2)                           # before training: random windows
+    assert len(first) == 2 and len({q.key for q in first}) == 2
+    for q in first:
+        r0, r1, c0, c1 = q.window
+        assert (r1 - r0, c1 - c0) == (12, 12) and r0 >= 0 and c0 >= 0
+        h, w = learner.image(q).shape
+        assert r1 <= h and c1 <= w and "rows" in str(q)
+        learner.teach(q, annotate(q))                  # the oracle answers with the whole slice
+        lab = learner.annotations[q.key]
+        assert (lab[r0:r1, c0:c1] >= 0).all() and (lab >= 0).sum() == 144
+    assert learner.n_annotated == 2 and learner.annotated_pixels == 288
+    learner.retrain()
+    # a second window on an annotated slice merges with the first, and only the window's pixels count
+    q = first[0]
+    other = active.Query(q.axis, q.index, window=(0, 12, 0, 12) if q.window[:3:2] != (0, 0) else (12, 24, 12, 24))
+    learner.teach(other, annotate(other)[other.window[0]:other.window[1], other.window[2]:other.window[3]])
+    assert learner.n_annotated == 3 and (learner.annotations[q.key] >= 0).sum() > 144
+    qs = learner.query(2)
+    assert all(0 <= x.score <= 1 and x.window is not None for x in qs)
+    for x in qs:                                       # each is the best window of its slice
+        assert x.window == learner.best_window(x.key).window
+
+
+def test_region_mode_picks_the_most_uncertain_window(phantom, monkeypatch):
+    learner = active.ActiveLearner(phantom.image, 5, strategy="margin", region=8, seed=0, **SMALL)
+    h, w = learner.image(("z", 4)).shape
+    prob = np.zeros((5, h, w), np.float32)
+    prob[0] = 1.0
+    prob[:2, 10:18, 20:28] = 0.5                       # the only uncertain block
+    learner.model = object()                           # "trained": probabilities come from the patch below
+    monkeypatch.setattr(learner, "probabilities", lambda q: prob.copy())
+    best = learner.best_window(("z", 4))
+    assert best.window == (10, 18, 20, 28) and best.score == pytest.approx(1.0)
+    learner.teach(best, np.zeros((8, 8), np.int16))    # once annotated, that block counts as certain
+    assert learner.best_window(("z", 4)).score < 0.6
+
+
+def test_region_mode_validates(phantom):
+    with pytest.raises(ValueError, match=r"^region"):
+        active.ActiveLearner(phantom.image, 5, region=2, **SMALL)
+    learner = active.ActiveLearner(phantom.image, 5, region=8, **SMALL)
+    with pytest.raises(ValueError, match=r"^labels2d"):
+        learner.teach(active.Query("z", 4, window=(0, 8, 0, 8)), np.zeros((5, 5), np.int16))
+    with pytest.raises(ValueError, match=r"^query: window"):
+        learner.teach(active.Query("z", 4, window=(0, 80, 0, 8)), np.zeros((80, 8), np.int16))
+    with pytest.raises(ValueError, match=r"^labels2d: no pixel"):
+        learner.teach(active.Query("z", 4, window=(0, 8, 0, 8)), np.full((8, 8), -1, np.int16))
+    with pytest.raises(RuntimeError, match=r"^region"):
+        active.ActiveLearner(phantom.image, 5, **SMALL).best_window(("z", 4))
+
+
 # --------------------------------------------------------------------------- widgets
 @pytest.mark.parametrize("backend", ["sliders", "ipympl"])
 def test_annotation_tool_paint_fill_undo_submit(backend):

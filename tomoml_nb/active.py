@@ -48,11 +48,16 @@ STRATEGIES = ("entropy", "margin", "random")
 
 @dataclass(frozen=True)
 class Query:
-    """One slice asked for annotation: ``axis`` in {"z", "y", "x"}, ``index`` along it, and its score."""
+    """One slice asked for annotation: ``axis`` in {"z", "y", "x"}, ``index`` along it, and its score.
+
+    In region mode (``ActiveLearner(region=...)``) ``window`` = ``(row0, row1, col0, col1)`` is
+    the part of the slice to annotate; ``None`` means the whole slice.
+    """
 
     axis: str
     index: int
     score: float = float("nan")
+    window: tuple = None
 
     @property
     def key(self):
@@ -60,7 +65,9 @@ class Query:
 
     def __str__(self):
         s = "" if np.isnan(self.score) else f" (uncertainty {self.score:.3f})"
-        return f"{self.axis} = {self.index}{s}"
+        w = "" if self.window is None else \
+            f", rows {self.window[0]}-{self.window[1] - 1}, columns {self.window[2]}-{self.window[3] - 1}"
+        return f"{self.axis} = {self.index}{w}{s}"
 
 
 def _as_query(q):
@@ -157,6 +164,13 @@ class ActiveLearner:
         strategy, random included). The network predicts along all axes, so it needs
         examples of each view; a network that never saw a view can be confidently
         wrong on it, which uncertainty cannot reveal.
+    region : int, optional
+        Region mode (sparse annotation, as with ilastik's brush): each query is a
+        ``region x region`` window of a slice instead of the whole slice -- the window
+        with the highest mean uncertainty among the candidate slices (pixels already
+        annotated count as certain), or a random window for ``"random"``. Only the
+        window's pixels of an answer are kept; a slice can be queried again elsewhere.
+        ``min_distance`` then defaults to 0.
     class_names : sequence of str, optional
     model : torch.nn.Module, optional
         Start from this network instead of an untrained one.
@@ -178,7 +192,9 @@ class ActiveLearner:
     model : torch.nn.Module or None
         The current network (None before the first training round).
     annotations : dict
-        ``{(axis, index): labels2d}``.
+        ``{(axis, index): labels2d}`` (``-1`` where not annotated).
+    n_annotated : int
+        Annotated slices, or windows in region mode.
     rounds : list of dict
         Per round: queries, number of annotated slices, training loss and seconds.
 
@@ -194,7 +210,7 @@ class ActiveLearner:
     def __init__(self, volume, n_classes, *, strategy="entropy", axes=("z", "y", "x"), stride=4, min_distance=None,
                  candidates=48, reduce="mean", balance_axes=True, class_names=None, model=None,
                  channels=(16, 32, 64, 128), patch_size=64, batch_size=8, lr=None, steps_per_round=100,
-                 first_steps=None, device="auto", seed=0, progress=True):
+                 first_steps=None, region=None, device="auto", seed=0, progress=True):
         vol = as_array(volume, "volume", ndim=3, dtype=np.float32)
         self.volume = vol
         self.normalized, self.intensity_range = normalize_intensity(vol)
@@ -205,7 +221,12 @@ class ActiveLearner:
         self.strategy = check_choice(strategy, "strategy", STRATEGIES)
         self.axes = _check_axes(axes)
         self.stride = check_positive(stride, "stride", integer=True)
-        self.min_distance = self.stride if min_distance is None else check_positive(
+        self.region = None if region is None else check_positive(region, "region", integer=True)
+        if self.region is not None and self.region < 4:
+            raise ValueError(f"region: windows need at least 4 x 4 pixels, got {region!r}")
+        self._n_windows = 0
+        self._axis_counts = {}
+        self.min_distance = (0 if self.region else self.stride) if min_distance is None else check_positive(
             min_distance, "min_distance", integer=True, allow_zero=True)
         self.candidates = check_positive(candidates, "candidates", integer=True)
         self.reduce = check_choice(reduce, "reduce", ("mean", "top"))
@@ -248,8 +269,13 @@ class ActiveLearner:
 
     @property
     def n_annotated(self):
-        """Number of annotated slices."""
-        return len(self.annotations)
+        """Number of annotated slices (windows in region mode)."""
+        return self._n_windows if self.region else len(self.annotations)
+
+    @property
+    def annotated_pixels(self):
+        """Number of annotated pixels over all slices."""
+        return int(sum((lab >= 0).sum() for lab in self.annotations.values()))
 
     @property
     def missing_classes(self):
@@ -308,13 +334,48 @@ class ActiveLearner:
         for axis, idx in self.pool:
             near = taken.get(axis, [])
             if (axis, idx) in self.annotations:
-                continue
+                if not self.region or (self.annotations[(axis, idx)] >= 0).mean() > 0.75:
+                    continue
+                near = []                     # region mode: the slice itself still has room
             if self.min_distance and any(abs(idx - j) < self.min_distance for j in near):
                 continue
             out.append((axis, idx))
         if not out:  # everything near an annotation: fall back to any unannotated slice
             out = [k for k in self.pool if k not in self.annotations]
         return out
+
+    def _slice_shape(self, axis):
+        return tuple(n for a, n in zip(AXES, self.volume.shape) if a != axis)
+
+    def _window_size(self, axis):
+        return tuple(min(self.region, n) for n in self._slice_shape(axis))
+
+    def best_window(self, query):
+        """Region mode: the ``region x region`` window of a slice with the highest mean
+        uncertainty (annotated pixels count as certain); returns a :class:`Query` with it."""
+        from scipy import ndimage as ndi
+
+        q = _as_query(query)
+        self._check_index(q)
+        if not self.region:
+            raise RuntimeError("region: best_window needs ActiveLearner(region=...)")
+        rh, rw = self._window_size(q.axis)
+        u = uncertainty(self.probabilities(q), "margin" if self.strategy == "margin" else "entropy")
+        lab = self.annotations.get(q.key)
+        if lab is not None:
+            u[lab >= 0] = 0.0
+        mean = ndi.uniform_filter(u.astype(np.float64), size=(rh, rw), mode="constant")
+        h, w = u.shape
+        # centres of windows that lie inside the slice (uniform_filter centres at size // 2)
+        valid = mean[rh // 2:h - rh + rh // 2 + 1, rw // 2:w - rw + rw // 2 + 1]
+        r0, c0 = np.unravel_index(int(np.argmax(valid)), valid.shape)
+        return Query(q.axis, q.index, float(valid[r0, c0]), (int(r0), int(r0 + rh), int(c0), int(c0 + rw)))
+
+    def _random_window(self, key):
+        rh, rw = self._window_size(key[0])
+        h, w = self._slice_shape(key[0])
+        r0, c0 = int(self.rng.integers(0, h - rh + 1)), int(self.rng.integers(0, w - rw + 1))
+        return Query(key[0], key[1], window=(r0, r0 + rh, c0, c0 + rw))
 
     def score(self, query):
         """Uncertainty score of a slice under the learner's strategy (NaN for "random")."""
@@ -333,10 +394,13 @@ class ActiveLearner:
         axes = [a for a in self.axes if a in have]
         if not self.balance_axes or not axes:
             return set(axes)
-        count = {a: 0 for a in axes}
-        for a, _ in self.annotations:
-            if a in count:
-                count[a] += 1
+        if self.region:
+            count = {a: self._axis_counts.get(a, 0) for a in axes}
+        else:
+            count = {a: 0 for a in axes}
+            for a, _ in self.annotations:
+                if a in count:
+                    count[a] += 1
         for q in picked:
             count[q.axis] += 1
         low = min(count.values())
@@ -356,6 +420,8 @@ class ActiveLearner:
         avail = self.available()
         if not avail:
             raise RuntimeError("pool: every slice of the pool is annotated")
+        if self.region:
+            return self._query_regions(n, avail)
 
         def far(cand, picked):
             return all(not (cand.axis == p.axis and abs(cand.index - p.index) < self.min_distance) for p in picked)
@@ -385,17 +451,64 @@ class ActiveLearner:
             picked.append(cand)
         return picked
 
+    def _query_regions(self, n, avail):
+        """Region mode of :meth:`query`: one window per slice, axes balanced as for slices."""
+        picked = []
+        if self.strategy == "random" or self.model is None:
+            order = [avail[i] for i in self.rng.permutation(len(avail))]
+            for k in order:
+                if len(picked) == n:
+                    break
+                if k[0] in self._allowed_axes(picked, order) and all(p.key != k for p in picked):
+                    picked.append(self._random_window(k))
+            return picked
+        sub = avail
+        if len(avail) > self.candidates:
+            sub = [avail[i] for i in sorted(self.rng.choice(len(avail), self.candidates, replace=False))]
+        scored = sorted((self.best_window(k) for k in sub), key=lambda q: -q.score)
+        while len(picked) < n:
+            allowed = self._allowed_axes(picked, [q.key for q in scored if q not in picked])
+            cand = next((q for q in scored if q.axis in allowed and q not in picked), None)
+            if cand is None:
+                break
+            picked.append(cand)
+        return picked
+
     # ---------------------------------------------------------------- learning
     def teach(self, query, labels2d):
-        """Store the annotation of a queried slice (``-1`` = pixel left unlabelled)."""
+        """Store the annotation of a queried slice (``-1`` = pixel left unlabelled).
+
+        For a query with a ``window`` (region mode) ``labels2d`` is the whole slice or just the
+        window; only the window's pixels are kept, merged with earlier windows of that slice.
+        """
         q = _as_query(query)
         self._check_index(q)
         shape = self._slice(self.volume, q).shape
         lab = _check_label_array(labels2d, "labels2d", self.n_classes)
-        if lab.shape != shape:
+        win = getattr(q, "window", None)
+        if win is not None:
+            r0, r1, c0, c1 = win
+            if not (0 <= r0 < r1 <= shape[0] and 0 <= c0 < c1 <= shape[1]):
+                raise ValueError(f"query: window {win} outside the slice of shape {shape}")
+            if lab.shape == shape:
+                lab = lab[r0:r1, c0:c1]
+            elif lab.shape != (r1 - r0, c1 - c0):
+                raise ValueError(f"labels2d: shape {lab.shape} is neither the slice {shape} nor the window "
+                                 f"{(r1 - r0, c1 - c0)} ({q})")
+            if not (lab >= 0).any():
+                raise ValueError("labels2d: no pixel of the window is labelled (all are -1)")
+            full = self.annotations.get(q.key)
+            full = np.full(shape, UNLABELLED, np.int16) if full is None else full.copy()
+            keep = lab >= 0
+            full[r0:r1, c0:c1][keep] = lab[keep]
+            lab = full
+        elif lab.shape != shape:
             raise ValueError(f"labels2d: shape {lab.shape} differs from the slice shape {shape} ({q})")
         if not (lab >= 0).any():
             raise ValueError("labels2d: no pixel is labelled (all are -1)")
+        if self.region:
+            self._axis_counts[q.axis] = self._axis_counts.get(q.axis, 0) + 1
+            self._n_windows += 1
         self.annotations[q.key] = lab.astype(np.int16)
 
     def retrain(self, steps=None):
@@ -468,7 +581,7 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     n_rounds : int
         Rounds of query -> annotate -> retrain.
     per_round : int
-        Slices annotated per round.
+        Slices annotated per round (windows with ``region=...``).
     eval_image, eval_labels : array_like, optional
         Held-out volume for the IoU curve (a different phantom); by default the pool
         volume itself is used (the annotated slices are then a small part of it).
@@ -480,7 +593,7 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     Returns
     -------
     dict
-        ``n_annotated``, ``mean_iou``, ``iou_per_class`` (one entry per round),
+        ``n_annotated``, ``annotated_pixels``, ``mean_iou``, ``iou_per_class`` (one entry per round),
         ``queries`` (``"z=40"`` strings), ``seconds``, ``strategy``, ``evaluated_on``,
         and the ``learner``.
 
@@ -514,7 +627,8 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     n_classes = learner_kwargs.pop("n_classes", int(max(lab.max(), eval_truth.max())) + 1)
     learner = ActiveLearner(vol, n_classes, strategy=strategy, seed=seed, progress=False, **learner_kwargs)
     annotate = oracle(lab)
-    out = {"strategy": strategy, "n_annotated": [], "mean_iou": [], "iou_per_class": [], "queries": [],
+    out = {"strategy": strategy, "n_annotated": [], "annotated_pixels": [], "mean_iou": [], "iou_per_class": [],
+           "queries": [],
            "seconds": [], "evaluated_on": where}
     from tqdm.auto import tqdm
 
@@ -525,9 +639,11 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
         pred, _ = learner.predict(None if own else eval_image, axes=eval_axes, progress=False)
         iou = iou_per_class(pred, eval_truth, n_classes)
         out["n_annotated"].append(learner.n_annotated)
+        out["annotated_pixels"].append(learner.annotated_pixels)
         out["iou_per_class"].append(iou.tolist())
         out["mean_iou"].append(float(np.nanmean(iou)))
-        out["queries"] += [f"{q.axis}={q.index}" for q in qs]
+        out["queries"] += [f"{q.axis}={q.index}" + ("" if q.window is None else "[{}:{},{}:{}]".format(*q.window))
+                           for q in qs]
         out["seconds"].append(time.perf_counter() - t0)
     out["learner"] = learner
     return out
