@@ -14,7 +14,8 @@ def small():
 
 @pytest.fixture(scope="module")
 def fitted(small):
-    return U.fit(small.image, 5, head_steps=10, pool_size=16, batch_size=4, crop=32, progress=False, seed=0)
+    return U.fit(small.image, 5, head_steps=10, pool_size=16, batch_size=4, crop=32, progress=False, seed=0,
+                 probe="codes")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -90,6 +91,58 @@ def test_backbone_training_runs_and_changes_weights(small):
     assert hist["steps"] == 3 and np.isfinite(hist["loss"]).all()
     after = net.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+
+
+def test_sinkhorn_equipartitions_prototypes():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 6, 4, 4, generator=g) * 3 + torch.arange(6.0).view(1, 6, 1, 1),
+              torch.randn(2, 6, 4, 4, generator=g)]
+    q = U._sinkhorn(logits, 0.3, n_iter=50)
+    assert [t.shape for t in q] == [t.shape for t in logits]
+    flat = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, 6) for t in q])
+    np.testing.assert_allclose(flat.sum(1).numpy(), 1.0, atol=1e-3)           # one unit per pixel
+    np.testing.assert_allclose(flat.mean(0).numpy(), 1 / 6, atol=0.01)        # equal use of prototypes
+    # plain softmax of the same logits is far from balanced (prototype 5 dominates)
+    sm = torch.softmax(torch.cat([t.permute(0, 2, 3, 1).reshape(-1, 6) for t in logits]) / 0.3, 1)
+    assert sm.mean(0).max() > 0.25 and sm.mean(0).min() < 0.1
+
+
+def test_backbone_training_sinkhorn(small):
+    kw = dict(steps=2, crop=32, batch_size=2, progress=False, centering="sinkhorn", seed=3,
+              width=8, feat_dim=16, code_dim=8)
+    a, ha = U.train_backbone(small.image, **kw)
+    b, hb = U.train_backbone(small.image, **kw)
+    assert np.isfinite(ha["loss"]).all() and ha["loss"] == hb["loss"]
+    with pytest.raises(ValueError, match="^centering"):
+        U.train_backbone(small.image, steps=1, crop=32, batch_size=2, progress=False, centering="swav")
+
+
+def test_feature_probe_fit_predict_save_load(tmp_path, small):
+    seg = U.fit(small.image, 5, probe="features", progress=False, seed=1)
+    assert seg.space == "features" and "head" not in seg.history
+    assert seg.centroids.shape == (5, seg.net.backbone.feat_dim) and seg.temperature > 0
+    prob = U.predict_proba(seg, small.image, progress=False)
+    np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-4)
+    lab = U.predict(seg, small.image, crf=False, progress=False)
+    assert lab.max() < 5
+    # the bright screw and the dark background are found without labels
+    assert metrics.hungarian_miou(lab, small.labels, 5) > 0.3
+    back = U.load_model(U.save_model(seg, tmp_path / "f.pt"))
+    assert back.space == "features" and back.temperature == pytest.approx(seg.temperature)
+    np.testing.assert_array_equal(U.predict(back, small.image, crf=False, progress=False), lab)
+    again = U.fit(small.image, 5, probe="features", progress=False, seed=1)
+    np.testing.assert_array_equal(again.centroids, seg.centroids)
+    # "auto" inherits the probe space of the backbone's segmenter
+    assert U.fit(small.image, 5, progress=False, seed=1).space == U.load_pretrained().space
+    assert U.fit(small.image, 3, backbone=U.fit(small.image, 3, head_steps=2, pool_size=8, batch_size=2, crop=32,
+                                                 probe="codes", progress=False), head_steps=2, pool_size=8,
+                 batch_size=2, crop=32, progress=False).space == "codes"
+    with pytest.raises(ValueError, match="^probe"):
+        U.fit(small.image, 5, probe="pixels", progress=False)
+    with pytest.raises(ValueError, match="^space"):
+        U.fit_probe(seg.net, small.image, 3, space="pixels")
 
 
 def test_more_clusters_than_classes(small):
