@@ -68,6 +68,9 @@ def main(argv=None):
                     help="file stem of the supervised model (msd_deep_bone_implant for the 100-layer GPU model)")
     ap.add_argument("--init", action="store_true",
                     help="continue from the weights already in --out (a warm restart of the cosine schedule)")
+    ap.add_argument("--lr", type=float, default=2e-3,
+                    help="peak learning rate of the cosine schedule (supervised model); lower it to continue "
+                         "trained weights without undoing them")
     args = ap.parse_args(argv)
     steps = 30 if args.quick else args.steps
     out_dir = Path("/tmp/tomoml_msd_quick") if args.quick else args.out
@@ -86,7 +89,7 @@ def main(argv=None):
         Y = np.concatenate([d["truth"] for d in train])
         t = time.perf_counter()
         init = dn.Denoiser.load(out_dir / f"{args.name}.pt") if args.init else None
-        model = dn.train_supervised(X, Y, model=init, depth=args.depth, steps=steps, seed=args.seed,
+        model = dn.train_supervised(X, Y, model=init, depth=args.depth, steps=steps, seed=args.seed, lr=args.lr,
                                     batch=args.batch, patch=args.patch, device=args.device,
                                     time_limit=args.budget_s, progress=False,
                                     validation=(val["reconstruction"][::4], val["truth"][::4]))
