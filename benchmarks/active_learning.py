@@ -147,11 +147,8 @@ def curve_row(name, values):
 
 
 def report(runs, quick, cmd):
-    any_run = next(iter(next(iter(runs.values())).values()))[0]
     L = ["## Active learning (issue 5)", "",
-         f"Report: `{cmd}`; mean over seeds. The runs of the slice settings were made on one GPU shared by 12 "
-         "runs (`--jobs 12 --device cuda`), those of the window setting on this CPU (`--settings \"default, windows\" "
-         "--device cpu`); the device of each setting is named with it. Slice settings: one "
+         f"Report: `{cmd}`; mean over seeds; the device of each setting's runs is named with it. Slice settings: one "
          f"whole slice annotated per round (every {LEARNER['stride']}th slice along z, y, x is a candidate; each "
          "query comes from the axis with the fewest annotations, for both strategies). Window settings: sparse "
          "annotation as with a brush in ilastik -- several square windows of slices per round, the most uncertain "
@@ -247,7 +244,7 @@ def main(argv=None):
         run_all(args.quick, args.device, args.jobs, runs_dir, args.settings)
     cmd = "python benchmarks/active_learning.py" + (" --quick" if args.quick else "")
     if args.from_json is not None:
-        cmd += f" --from-json {args.from_json.relative_to(HERE.parent) if args.from_json.is_absolute() and HERE.parent in args.from_json.parents else args.from_json}"
+        cmd += f" --from-json {args.from_json}"
     elif args.device != "auto":
         cmd += f" --jobs {args.jobs} --device {args.device}"
     text = report(load_runs(runs_dir), args.quick, cmd)

@@ -163,6 +163,7 @@ def test_region_mode_queries_windows_and_keeps_only_their_pixels(phantom):
         assert (lab[r0:r1, c0:c1] >= 0).all() and (lab >= 0).sum() == 144
     assert learner.n_annotated == 2 and learner.annotated_pixels == 288
     learner.retrain()
+    assert learner.rounds[-1]["keys"] == [q.key for q in first]
     # a second window on an annotated slice merges with the first, and only the window's pixels count
     q = first[0]
     other = active.Query(q.axis, q.index, window=(0, 12, 0, 12) if q.window[:3:2] != (0, 0) else (12, 24, 12, 24))

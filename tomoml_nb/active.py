@@ -260,7 +260,7 @@ class ActiveLearner:
             n = vol.shape[AXES.index(axis)]
             start = min(self.stride // 2, n - 1)
             self.pool += [(axis, i) for i in range(start, n, self.stride)]
-        self._trained_on = 0
+        self._taught = []                 # keys taught since the last retrain (one per window in region mode)
 
     # ---------------------------------------------------------------- pool and slices
     def __repr__(self):
@@ -510,6 +510,7 @@ class ActiveLearner:
             self._axis_counts[q.axis] = self._axis_counts.get(q.axis, 0) + 1
             self._n_windows += 1
         self.annotations[q.key] = lab.astype(np.int16)
+        self._taught.append(q.key)
 
     def retrain(self, steps=None):
         """Train on all annotations, warm-starting from the current network.
@@ -535,9 +536,9 @@ class ActiveLearner:
                                     device=self.device, seed=self.seed + 1000 * len(self.rounds),
                                     progress=self.progress, warn_missing=False)
         hist = self.model.tomoml_history
-        self.rounds.append({"n_annotated": self.n_annotated, "keys": keys[self._trained_on:], "steps": steps,
+        self.rounds.append({"n_annotated": self.n_annotated, "keys": self._taught, "steps": steps,
                             "loss": float(np.mean(hist["loss"][-10:])), "seconds": time.perf_counter() - t0})
-        self._trained_on = len(keys)
+        self._taught = []
         return hist
 
     def step(self, annotate, n=1, steps=None):
