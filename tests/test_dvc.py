@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage as ndi
 
 from tomoml_nb import dvc, metrics, phantoms
-from tomoml_nb.models.raft3d import VolRAFT, sample_grid
+from tomoml_nb.models.raft3d import VolRAFT, _CorrPyramid, sample_grid, window_lookup
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,43 @@ def test_sample_grid_takes_zyx_points():
     v = torch.arange(5 * 6 * 7, dtype=torch.float32).reshape(1, 1, 5, 6, 7)
     p = torch.tensor([3.0, 1.0, 5.0]).reshape(1, 1, 1, 1, 3)
     assert float(sample_grid(v, p)) == float(v[0, 0, 3, 1, 5])
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 3), (1, 4, 4), (2, 1, 7)])
+@pytest.mark.parametrize("radius", [1, 2])
+def test_window_lookup_equals_grid_sample(shape, radius):
+    """The fast correlation look-up gives grid_sample's values (and gradients) on the window,
+    also for centres far outside the volume and for axes of size 1."""
+    import itertools
+
+    torch.manual_seed(0)
+    n = 300
+    vol = torch.randn(n, *shape, requires_grad=True)
+    centre = torch.stack([torch.rand(n) * (s + 10) - 5 for s in shape], 1)
+    centre[:4] = 1e3
+    centre[4:8] = -1e3
+    offs = torch.tensor(list(itertools.product(range(-radius, radius + 1), repeat=3)), dtype=torch.float32)
+    ref = sample_grid(vol[:, None], centre[:, None, None, None] + offs.view(1, -1, 1, 1, 3))
+    got = window_lookup(vol, centre, radius)
+    k = 2 * radius + 1
+    assert got.shape == (n, k, k, k)
+    assert torch.allclose(got.reshape(n, -1), ref.reshape(n, -1), atol=1e-5)
+    assert float(got[:8].detach().abs().max()) == 0.0 or 1 in shape   # outside: zero (size-1 axes read index 0)
+    (g1,) = torch.autograd.grad(got.square().sum(), vol)
+    (g2,) = torch.autograd.grad(ref.square().sum(), vol)
+    assert torch.allclose(g1, g2, atol=1e-4)
+
+
+def test_correlation_pyramid_levels_are_pooled_correlations():
+    torch.manual_seed(0)
+    f1, f2 = torch.randn(1, 8, 6, 4, 5), torch.randn(1, 8, 6, 4, 5)
+    pyr = _CorrPyramid(f1, f2, levels=3, radius=1).pyramid
+    a = torch.nn.functional.normalize(f1.reshape(1, 8, -1), dim=1)
+    b = torch.nn.functional.normalize(f2.reshape(1, 8, -1), dim=1)
+    full = (4.0 * a.transpose(1, 2) @ b).reshape(-1, 1, 6, 4, 5)
+    assert torch.allclose(pyr[0], full[:, 0], atol=1e-5)
+    assert torch.allclose(pyr[1], torch.nn.functional.avg_pool3d(full, 2)[:, 0], atol=1e-5)
+    assert len(pyr) == 3 and pyr[2].shape == (120, 1, 1, 1)
 
 
 def test_convex_upsampling_scales_the_flow():

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["VolRAFT", "sample_grid", "coords_grid"]
+__all__ = ["VolRAFT", "sample_grid", "coords_grid", "window_lookup"]
 
 
 def coords_grid(batch, shape, device=None, dtype=torch.float32):
@@ -71,6 +71,59 @@ def sample_grid(volume, points, mode="bilinear", padding_mode="zeros"):
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in sizes], device=points.device, dtype=points.dtype)
     norm = points * scale - 1.0
     return F.grid_sample(volume, norm.flip(-1), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def window_lookup(volume, centre, radius):
+    """Trilinear samples of ``volume (N, D, H, W)`` on the integer-offset window around ``centre (N, 3)``.
+
+    Returns ``(N, 2r+1, 2r+1, 2r+1)``: entry ``[n, a, b, c]`` is ``volume[n]`` at
+    ``centre[n] + (a - r, b - r, c - r)`` (``(z, y, x)`` voxel coordinates), zero outside the
+    volume -- the same values as :func:`sample_grid` (``align_corners=True``, zero padding)
+    at those points, including its rule that an axis of size 1 is read at index 0 whatever
+    the coordinate. All offsets share the fractional part of the centre, so the window is
+    one gather of ``(2r+2)^3`` voxels followed by three separable linear interpolations:
+    several times faster on the CPU than ``grid_sample`` on ``(2r+1)^3`` points, and
+    differentiable with respect to ``volume``.
+
+    Examples
+    --------
+    >>> v = torch.arange(64.).reshape(1, 4, 4, 4)
+    >>> w = window_lookup(v, torch.tensor([[1.0, 1.0, 1.5]]), 1)
+    >>> float(w[0, 1, 1, 1]), float(w[0, 1, 1, 2])        # v[1, 1, 1.5], v[1, 1, 2.5]
+    (21.5, 22.5)
+    """
+    n = volume.shape[0]
+    sizes = volume.shape[1:]
+    r = int(radius)
+    base = torch.floor(centre)
+    frac = centre - base
+    span = torch.arange(-r, r + 2, device=centre.device)
+    idx, ok = [], []
+    for ax, size in enumerate(sizes):
+        if size == 1:  # grid_sample (align_corners=True) maps every coordinate of a size-1 axis to 0
+            idx.append(torch.zeros(n, 2 * r + 2, dtype=torch.long, device=centre.device))
+            ok.append(torch.ones(n, 2 * r + 2, dtype=torch.bool, device=centre.device))
+            frac = frac.clone()
+            frac[:, ax] = 0
+            continue
+        i = base[:, ax].clamp(-r - 2, size + r).long()[:, None] + span
+        ok.append((i >= 0) & (i < size))
+        idx.append(i.clamp(0, size - 1))
+    _, H, W = sizes
+    flat = (idx[0][:, :, None, None] * (H * W) + idx[1][:, None, :, None] * W + idx[2][:, None, None, :])
+    m = 2 * r + 2
+    vals = volume.reshape(n, -1).gather(1, flat.reshape(n, -1)).reshape(n, m, m, m)
+    # linear interpolation along z, y, x; voxels outside the volume get weight 0
+    for ax in range(3):
+        t = frac[:, ax].to(vals.dtype)[:, None]
+        valid = ok[ax].to(vals.dtype)
+        w0, w1 = ((1 - t) * valid[:, :-1], t * valid[:, 1:])
+        shape = [n] + [1] * 3
+        shape[ax + 1] = m - 1
+        lo = vals.narrow(ax + 1, 0, m - 1)
+        hi = vals.narrow(ax + 1, 1, m - 1)
+        vals = lo * w0.view(shape) + hi * w1.view(shape)
+    return vals
 
 
 class _Conv3d(nn.Conv3d):
@@ -161,12 +214,13 @@ class _UpdateBlock(nn.Module):
         self.mask_head = nn.Sequential(_Conv3d(hidden, 32, 3, padding=1), nn.ReLU(inplace=True),
                                        _Conv3d(32, 27 * factor**3, 1))
 
-    def forward(self, net, inp, corr, flow):
+    def forward(self, net, inp, corr, flow, need_mask=True):
         c = F.relu(self.convc2(F.relu(self.convc1(corr))))
         f = F.relu(self.convf2(F.relu(self.convf1(flow))))
         motion = torch.cat([F.relu(self.conv(torch.cat([c, f], 1))), flow], 1)
         net = self.gru(net, torch.cat([inp, motion], 1))
-        return net, 0.25 * self.mask_head(net), self.flow_head(net)
+        mask = 0.25 * self.mask_head(net) if need_mask else None  # only needed where a flow is upsampled
+        return net, mask, self.flow_head(net)
 
 
 class _CorrPyramid:
@@ -175,20 +229,23 @@ class _CorrPyramid:
     def __init__(self, f1, f2, levels, radius):
         b, c, d, h, w = f1.shape
         # cosine similarity (unit feature vectors), scaled: a bounded, well-conditioned matching signal
-        f1 = F.normalize(f1.reshape(b, c, -1).float(), dim=1)
-        f2 = F.normalize(f2.reshape(b, c, -1).float(), dim=1)
-        corr = (4.0 * torch.einsum("bcn,bcm->bnm", f1, f2)).reshape(b * d * h * w, 1, d, h, w)
-        self.pyramid = [corr]
-        for _ in range(levels - 1):
-            if min(corr.shape[-3:]) < 2:
-                break
-            corr = F.avg_pool3d(corr, 2, stride=2)
-            self.pyramid.append(corr)
+        f1 = 4.0 * F.normalize(f1.reshape(b, c, -1).float(), dim=1)
+        f2 = F.normalize(f2.float(), dim=1)
+        # level l = the correlation averaged over 2^l-blocks of the moving volume; the correlation is
+        # linear in f2, so it is computed from block-averaged features (no pooling of the big volume)
+        self.pyramid = []
+        for lvl in range(levels):
+            if lvl:
+                if min(f2.shape[-3:]) < 2:
+                    break
+                f2 = F.avg_pool3d(f2, 2, stride=2)
+            corr = torch.einsum("bcn,bcm->bnm", f1, f2.reshape(b, c, -1))
+            self.pyramid.append(corr.reshape(b * d * h * w, *f2.shape[-3:]))  # (N, d_l, h_l, w_l)
         r = radius
         offs = torch.tensor(list(itertools.product(range(-r, r + 1), repeat=3)), dtype=torch.float32,
                             device=f1.device)
         self.offsets = offs  # (K, 3) in (dz, dy, dx)
-        self.levels = levels
+        self.levels, self.radius = levels, radius
         self.shape = (b, d, h, w)
 
     @property
@@ -198,12 +255,11 @@ class _CorrPyramid:
     def __call__(self, coords, cue_scale=2.5):
         b, d, h, w = self.shape
         k = self.offsets.shape[0]
-        centre = coords.permute(0, 2, 3, 4, 1).reshape(b * d * h * w, 1, 1, 1, 3)
+        centre = coords.permute(0, 2, 3, 4, 1).reshape(b * d * h * w, 3)
         out = []
         for lvl in range(self.levels):
             if lvl < len(self.pyramid):
-                pts = centre / 2**lvl + self.offsets.view(1, k, 1, 1, 3)
-                s = sample_grid(self.pyramid[lvl], pts).reshape(b, d, h, w, k)  # (N, 1, K, 1, 1) -> ...
+                s = window_lookup(self.pyramid[lvl], centre / 2**lvl, self.radius).reshape(b, d, h, w, k)
                 # soft-argmax of the window: the expected offset (level-0 coarse voxels), a direct motion cue
                 cue = torch.softmax(cue_scale * s, -1) @ (self.offsets * 2**lvl)
                 out.append(torch.cat([s, cue], -1))
@@ -258,9 +314,10 @@ class VolRAFT(nn.Module):
         b, _, d, h, w = flow.shape
         mask = torch.softmax(mask.view(b, 1, 27, f, f, f, d, h, w), dim=2)
         padded = F.pad(f * flow, (1, 1, 1, 1, 1, 1), mode="replicate")
-        shifts = [padded[:, :, i:i + d, j:j + h, k:k + w] for i in range(3) for j in range(3) for k in range(3)]
-        nb = torch.stack(shifts, 2).view(b, 3, 27, 1, 1, 1, d, h, w)
-        up = (mask * nb).sum(2)  # (b, 3, f, f, f, d, h, w)
+        up = None  # (b, 3, f, f, f, d, h, w): weighted sum over the 27 neighbours, accumulated in place
+        for n, (i, j, k) in enumerate(itertools.product(range(3), repeat=3)):
+            term = mask[:, :, n] * padded[:, :, i:i + d, j:j + h, k:k + w].view(b, 3, 1, 1, 1, d, h, w)
+            up = term if up is None else up.add_(term)
         return up.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, 3, d * f, h * f, w * f)
 
     def forward(self, fixed, moving, iters=8, flow_init=None):
@@ -282,8 +339,9 @@ class VolRAFT(nn.Module):
             coords1 = coords1.detach()
             c = corr(coords1)
             flow = coords1 - coords0
-            net, mask, delta = self.update(net, inp, c, flow)
+            keep = self.training or it == iters - 1  # at inference only the last flow is upsampled
+            net, mask, delta = self.update(net, inp, c, flow, need_mask=keep)
             coords1 = coords1 + delta
-            if self.training or it == iters - 1:  # at inference only the last flow is upsampled
+            if keep:
                 flows.append(self.upsample(coords1 - coords0, mask))
         return flows
