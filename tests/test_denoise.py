@@ -96,6 +96,24 @@ def test_denoiser_save_load_roundtrip_and_tiling(tmp_path):
     assert np.abs(tiled - a).mean() < 0.05 * np.abs(a).mean() + 1e-3
 
 
+@pytest.mark.parametrize("shape", [(2, 24, 40), (24, 24)])
+def test_tta_averages_the_eight_orientations(shape):
+    """Self-ensemble of a linear, non-symmetric filter = the filter with its kernel averaged over
+    the 8 rotations/mirrorings; a wrong inverse transform would give a different kernel."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = dn.denoise(x, conv, tta=True, progress=False)
+    assert out.shape == x.shape and out.dtype == np.float32
+    k = conv.weight.detach().numpy()[0, 0]
+    sym = np.mean([np.rot90(kk, r) for kk in (k, k[:, ::-1]) for r in range(4)], 0)
+    ref = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    ref.weight.data[:] = torch.from_numpy(sym.copy())
+    expect = dn.denoise(x, ref, progress=False)
+    assert np.allclose(out, expect, atol=1e-5)
+    assert not np.allclose(out, dn.denoise(x, conv, progress=False), atol=1e-3)   # the kernel is not symmetric
+
+
 def test_train_is_deterministic():
     noisy, clean = _pair(2)
     a = dn.train_supervised(noisy, clean, depth=4, steps=5, patch=32, seed=3, progress=False)
