@@ -117,7 +117,7 @@ def window_lookup(volume, centre, radius):
     for ax in range(3):
         t = frac[:, ax].to(vals.dtype)[:, None]
         valid = ok[ax].to(vals.dtype)
-        w0, w1 = ((1 - t) * valid[:, :-1], t * valid[:, 1:])
+        w0, w1 = (1 - t) * valid[:, :-1], t * valid[:, 1:]
         shape = [n] + [1] * 3
         shape[ax + 1] = m - 1
         lo = vals.narrow(ax + 1, 0, m - 1)
