@@ -32,6 +32,7 @@ from tomoml_nb.phantoms import bone_implant
 
 OUT = Path(__file__).resolve().parent / "results" / "denoise_phase.md"
 DEEP = "MSD supervised, 100 layers (shipped, GPU-trained)"
+DEEP_TTA = "MSD supervised, 100 layers + 8-orientation self-ensemble (tta=True)"
 
 
 def scan(seed, flux, shape=(16, 128, 128)):
@@ -66,6 +67,8 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
             res["MSD supervised (shipped)"] = (dn.evaluate(out, truth, mask=m), s)
             out, s = timed(deep, rec, progress=False)
             res[DEEP] = (dn.evaluate(out, truth, mask=m), s)
+            out, s = timed(deep, rec, progress=False, tta=True)
+            res[DEEP_TTA] = (dn.evaluate(out, truth, mask=m), s)
             subs = dn.split_reconstructions(te["projections"], te["angles"], 2)
             pred, s = timed(lambda: np.mean([n2i0(subs[1 - j], progress=False) for j in range(2)], 0))
             res["Noise2Inverse K=2 (shipped, no fine-tune)"] = (dn.evaluate(pred, truth, mask=m), s)
@@ -78,7 +81,7 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
             p_sup = res["MSD supervised (shipped)"][0]["psnr"]
             p_n2i = res[f"Noise2Inverse K=2 (fine-tuned {n2i_steps} steps on this scan)"][0]["psnr"]
             gains.append(p_sup - best_cl[0])
-            deep_gains.append(res[DEEP][0]["psnr"] - best_cl[0])
+            deep_gains.append((res[DEEP][0]["psnr"] - best_cl[0], res[DEEP_TTA][0]["psnr"] - best_cl[0]))
             gaps.append(p_sup - p_n2i)
             rows.append((flux, seed, res, best_cl))
             print(f"flux {flux} seed {seed}: " + ", ".join(f"{k}: {v[0]['psnr']:.2f}" for k, v in res.items()),
@@ -134,12 +137,16 @@ def main(argv=None):
     gains, gaps, deep_gains = bench_denoise(fluxes, seeds, 60 if args.quick else 150, lines)
     pag, phys = bench_phase(30 if args.quick else 100, lines, 64 if args.quick else 128)
     g, gap = float(np.median(gains)), float(np.median(gaps))
+    deep = np.asarray(deep_gains)
     ok = lambda c: "MET" if c else "NOT MET"
     lines += ["## Targets", "",
               f"- MSD (supervised) >= 2 dB PSNR over the best classical filter: 30-layer CPU-trained network, "
               f"median gain {g:+.2f} dB (per case {', '.join(f'{x:+.2f}' for x in gains)}); 100-layer GPU-trained "
-              f"network, median gain {float(np.median(deep_gains)):+.2f} dB (per case "
-              f"{', '.join(f'{x:+.2f}' for x in deep_gains)}) -> **{ok(max(min(gains), min(deep_gains)) >= 2)}**",
+              f"network, median gain {float(np.median(deep[:, 0])):+.2f} dB (per case "
+              f"{', '.join(f'{x:+.2f}' for x in deep[:, 0])}); the same with the 8-orientation self-ensemble "
+              f"{float(np.median(deep[:, 1])):+.2f} dB (per case {', '.join(f'{x:+.2f}' for x in deep[:, 1])}; 8x the "
+              f"network's time) -> **{ok(max(min(gains), deep[:, 0].min(), deep[:, 1].min()) >= 2)}** "
+              f"(every case must gain 2 dB)",
               f"- Noise2Inverse within 1 dB of supervised: median gap {gap:.2f} dB "
               f"(per case {', '.join(f'{x:.2f}' for x in gaps)}) -> **{ok(max(gaps) <= 1)}**",
               f"- Physics-informed phase RMSE <= 0.5 x Paganin's (best tuned delta/beta): {phys:.3f} vs "
