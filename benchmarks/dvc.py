@@ -233,9 +233,11 @@ def main(argv=None):
                ("ilk best", "ilk", dict(preset="optimised", **best["ilk"]["settings"]))]
     cases = QUICK_CASES if args.quick else CASES
     prev, prev_scal = parse_log(args.reuse_classical) if args.reuse_classical else ({}, [])
-    rows = []
+    rows, timing_pairs = [], {}
     for case in cases:
         f, m, u = make_case(case)
+        if case[1] == 128:
+            timing_pairs[case] = (f, m)
         res = {}
         for label, method, kw in methods:
             if (label != "volraft" or args.reuse_volraft) and str(case) in prev and label in prev[str(case)]:
@@ -248,8 +250,7 @@ def main(argv=None):
         rows.append((case, res))
     # the speed target: 128^3 pairs, VolRAFT and optflow's default alternated, median of several runs
     timing = {}
-    for case in [c for c in cases if c[1] == 128]:
-        f, m, u = make_case(case)
+    for case, (f, m) in timing_pairs.items():
         for rep in range(args.repeats):
             for label, method, kw in methods[:2]:
                 timing.setdefault(case, {}).setdefault(label, []).append(run(method, f, m, **kw)[1])

