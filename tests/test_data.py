@@ -204,3 +204,61 @@ def test_sha256sum_matches_hashlib(tmp_path):
     f = tmp_path / "f.bin"
     f.write_bytes(b"abc" * 1000)
     assert data.sha256sum(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+# ----------------------------------------------------------------- session 5 fixes
+@pytest.mark.parametrize("kwargs", [{"imagej": True}, {}], ids=["imagej", "plain"])
+def test_truncated_multipage_tiff_is_an_error_naming_the_file(tmp_path, kwargs):
+    vol = (np.arange(20 * 30 * 40) % 60000).astype(np.uint16).reshape(20, 30, 40)
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, vol, **kwargs)
+    raw = full.read_bytes()
+    np.testing.assert_array_equal(data.read(full), vol)
+    for frac in (0.3, 0.6, 0.95):
+        cut = tmp_path / f"cut_{int(frac * 100)}.tif"
+        cut.write_bytes(raw[:int(len(raw) * frac)])
+        with pytest.raises(data.DataError, match=rf"{cut.name}: cannot be read as tiff.*truncated"):
+            data.read(cut)
+
+
+def test_junk_tiff_is_a_data_error_naming_the_file(tmp_path):
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff at all")
+    with pytest.raises(data.DataError, match="junk.tif: cannot be read as tiff"):
+        data.read(junk)
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    tifffile.imwrite(folder / "s_0.tif", np.zeros((4, 4), np.uint8))
+    (folder / "s_1.tif").write_bytes(b"junk")
+    with pytest.raises(data.DataError, match="s_1.tif: cannot be read as tiff"):
+        data.read(folder)
+
+
+def test_folder_of_slices_is_sorted_naturally(tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(12):  # unpadded numbers: text order would be s_0, s_1, s_10, s_11, s_2...
+        tifffile.imwrite(folder / f"s_{i}.tif", np.full((3, 4), i, np.uint16))
+    vol = data.read(folder)
+    assert vol.shape == (12, 3, 4)
+    assert [int(s[0, 0]) for s in vol] == list(range(12))
+
+
+def test_download_mismatch_message_names_the_source_not_a_deleted_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOMOML_DATA_MIRROR", str(tmp_path / "empty"))
+
+    def fake(url, sha256, tmp):
+        out = tmp / "download"
+        out.write_bytes(b"something else")
+        return out
+
+    monkeypatch.setattr(data, "_download_url", fake)
+    entry = data.info("tomopy_tooth")
+    with pytest.raises(data.DataError) as info:
+        data.path("tomopy_tooth")
+    msg = str(info.value)
+    assert entry["source"]["url"] in msg and entry["sha256"] in msg
+    assert hashlib.sha256(b"something else").hexdigest() in msg
+    assert "nothing was kept" in msg
+    assert ".partial" not in msg and "Delete it" not in msg
+    assert not any(data.cache_dir().rglob("*download*"))

