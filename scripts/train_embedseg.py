@@ -195,7 +195,8 @@ def main(argv=None):
             best.update(ap=m["ap"], state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                         step=len(history_val) * val_every)
             instance.save_model(_with_state(model, best["state"]), out,
-                                history={"val_ap50": best["ap"], "partial": True}, meta={"args": vars(args)})
+                                history={"val_ap50": best["ap"], "partial": True}, meta={"args": vars(args)},
+                                overwrite=True)
         last_val_s[0] = time.perf_counter() - t
         log(f"validation AP@0.5 {m['ap']:.3f} (TP {m['tp']}, FP {m['fp']}, FN {m['fn']}) in "
             f"{last_val_s[0]:.1f} s; best {best['ap']:.3f}; lr {opt.param_groups[0]['lr']:.2e}; loss parts "
@@ -270,7 +271,7 @@ def main(argv=None):
                                                      "noise": 0.05},
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if gpu else None}
-    instance.save_model(net, out, history=history, meta=meta)
+    instance.save_model(net, out, history=history, meta=meta, overwrite=True)
     size_mb = out.stat().st_size / 1e6
     summary = {"out": str(out), "size_mb": round(size_mb, 3), "steps": hist["steps"], "seconds": round(seconds, 1),
                "val_ap50_best": best["ap"], "cluster": tuned, "val": history_val, "args": vars(args),

@@ -238,7 +238,7 @@ def main(argv=None):
                 validation=VALIDATION if args.domain == "bone_implant" else None, size=size, crop=crop,
                 batch_size=bs, device=str(dev), torch=torch.__version__, machine=platform.machine(),
                 gpu=torch.cuda.get_device_name(0) if gpu else None)
-    path = unsupervised.save_model(seg, out, **meta)
+    path = unsupervised.save_model(seg, out, overwrite=True, **meta)
     summary = dict(out=str(path), seconds=seconds, backbone_steps=history["backbone"]["steps"],
                    head_steps=hh["steps"], validation=history["val"], final_validation_miou=final_score,
                    best_feature_kmeans_miou=best["score"], args=meta["args"],

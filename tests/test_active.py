@@ -297,3 +297,36 @@ def test_active_learning_ui_round(phantom):
     assert ui.query.key != before.key and before.key not in learner.pool
     with pytest.raises(TypeError, match=r"^learner"):
         active_learning_ui(object())
+
+
+def test_query_returns_what_is_left_when_an_axis_runs_out(phantom):
+    # review s5 defect 3: KeyError 'y' in _allowed_axes once an axis had no candidate left
+    learner = active.ActiveLearner(phantom.image, 5, stride=4, seed=0, **SMALL)
+    learner.step(active.oracle(phantom.labels))
+    qs = learner.query(100)
+    assert 1 <= len(qs) < 100 and len({q.key for q in qs}) == len(qs)
+    region = active.ActiveLearner(phantom.image, 5, stride=4, region=8, seed=0, **SMALL)
+    region.step(active.oracle(phantom.labels))
+    qs = region.query(60)
+    assert 1 <= len(qs) <= len(region.pool) and len({q.key for q in qs}) == len(qs)
+
+
+def test_run_active_learning_stops_when_the_pool_is_exhausted(phantom):
+    kw = {k: v for k, v in SMALL.items() if k not in ("progress", "steps_per_round")}
+    with pytest.warns(UserWarning, match=r"^pool: every slice"):
+        res = active.run_active_learning(phantom.image, phantom.labels, n_rounds=8, per_round=3, stride=8,
+                                         steps_per_round=1, progress=False, **kw)
+    learner = res["learner"]
+    assert res["n_annotated"][-1] == len(learner.pool) == len(learner.annotations)
+    assert len(res["n_annotated"]) < 8
+    with pytest.raises(RuntimeError, match=r"^pool: nothing left"):
+        learner.query()
+
+
+def test_seed_none_draws_a_seed_and_bad_seeds_are_named(phantom):
+    learner = active.ActiveLearner(phantom.image, 5, seed=None, **SMALL)
+    assert isinstance(learner.seed, int) and len(learner.query(2)) == 2
+    with pytest.raises(TypeError, match=r"^seed"):
+        active.ActiveLearner(phantom.image, 5, seed="abc", **SMALL)
+    with pytest.raises(TypeError, match=r"^seed"):
+        active.ActiveLearner(phantom.image, 5, seed=1.5, **SMALL)

@@ -204,3 +204,62 @@ def test_zarr_in_and_out_give_the_numpy_result(small, pretrained):
     instance.segment_instances(src, pretrained, tile_shape=(32, 40, 40), out=dst, device="cpu", progress=False)
     ref = instance.segment_instances(small.image, pretrained, tile_shape=(32, 40, 40), device="cpu", progress=False)
     np.testing.assert_array_equal(np.asarray(dst[...]), ref)
+
+
+# --------------------------------------------------------------------------- review s5 (defects 4, 12; nits)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.float32])
+def test_segment_instances_rejects_a_narrow_out_before_any_work(pretrained, monkeypatch, dtype):
+    calls = []
+    monkeypatch.setattr(instance, "_segment_block", lambda *a, **k: calls.append(1))
+    vol = np.random.default_rng(0).random((16, 32, 32)).astype(np.float32)
+    for tile_shape in (None, "whole", (16, 16, 16)):
+        with pytest.raises(TypeError, match=r"^out: dtype"):
+            instance.segment_instances(vol, pretrained, tile_shape=tile_shape, out=np.zeros(vol.shape, dtype),
+                                       progress=False)
+    with pytest.raises(ValueError, match=r"^out: shape"):
+        instance.segment_instances(vol, pretrained, out=np.zeros((4, 4, 4), np.int32), progress=False)
+    assert not calls
+
+
+def test_segment_instances_writes_into_out_for_one_window_and_whole(small, pretrained):
+    ref = instance.segment_instances(small.image, pretrained, device="cpu", progress=False)   # fits one window
+    for tile_shape in (None, "whole"):
+        out = np.full(small.image.shape, -5, np.int64)
+        got = instance.segment_instances(small.image, pretrained, tile_shape=tile_shape, out=out, device="cpu",
+                                         progress=False)
+        assert got is out
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_segment_instances_names_tile_shape_and_voxel_size(pretrained):
+    vol = np.random.default_rng(0).random((16, 32, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^tile_shape"):
+        instance.segment_instances(vol, pretrained, tile_shape=(16, 16), progress=False)
+    with pytest.raises(ValueError, match=r"^overlap"):
+        instance.segment_instances(vol, pretrained, tile_shape=16, overlap=(4, 4), progress=False)
+    with pytest.raises(ValueError, match=r"^voxel_size"):
+        instance.segment_instances(vol, pretrained, voxel_size=(1, 2), progress=False)
+    with pytest.raises(ValueError, match=r"^voxel_size"):
+        instance.watershed_instances(vol, voxel_size=(1, 2))
+    with pytest.raises(ValueError, match=r"^voxel_size"):
+        instance.object_sizes(np.ones((2, 2, 2), int), voxel_size=(1, 2))
+    with pytest.raises(ValueError, match=r"^tile_shape") as exc:
+        instance.segment_instances(vol, pretrained, tile_shape=np.array([4, 16, 16]), progress=False)
+    assert "int64" not in str(exc.value) and "(4, 16, 16)" in str(exc.value)
+    with pytest.raises(ValueError, match=r"^overlap") as exc:
+        instance.segment_instances(vol, pretrained, tile_shape=np.array([8, 16, 16]), overlap=np.int64(16),
+                                   progress=False)
+    assert "int64" not in str(exc.value)
+
+
+def test_train_rejects_labels_the_metrics_reject():
+    ph = phantoms.fibres((16, 24, 24), n_fibres=4, seed=3)
+    kw = dict(config={"base": 4, "levels": 2}, patch_shape=(16, 16, 16), steps=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"^labels\[0\]: labels must be >= 0"):
+        instance.train([ph.image], [ph.labels.astype(np.int32) - 1], **kw)
+    with pytest.raises(ValueError, match=r"^labels: no instance"):
+        instance.train([ph.image, ph.image], [np.zeros(ph.image.shape, np.int32)] * 2, **kw)
+    with pytest.raises(ValueError, match=r"^volumes: expected a 3D volume .* or a list"):
+        instance.train(ph.image[0], ph.labels[0], **kw)
+    with pytest.raises(ValueError, match=r"^patch_shape"):
+        instance.train(ph.image, ph.labels, **{**kw, "patch_shape": (16, 16)})

@@ -236,3 +236,28 @@ def test_errors_name_the_parameter(small, fitted):
         U.otsu_segment(small.image, 1)
     with pytest.raises(ValueError, match="^features"):
         U.kmeans_segment(small.image, 3, features="hog")
+
+
+# --------------------------------------------------------------------------- review s5 (defect 8; nits)
+def test_predict_axes_crf_method_and_crf_params_are_named(small, fitted):
+    for axes in ((), [], ("z", "z"), ("z", "q")):
+        with pytest.raises(ValueError, match=r"^axes"):
+            U.predict(fitted, small.image, axes=axes, progress=False)
+        with pytest.raises(ValueError, match=r"^axes"):
+            U.predict_proba(fitted, small.image, axes=axes, progress=False)
+    with pytest.raises(ValueError, match=r"^crf_method"):
+        U.predict(fitted, small.image, crf_method="fast", progress=False)
+    with pytest.raises(ValueError, match=r"^crf_params: unknown key.*'sxy'.*allowed keys: n_iter"):
+        U.predict(fitted, small.image, crf_params={"sxy": 3}, progress=False)
+    with pytest.raises(TypeError, match=r"^crf_params"):
+        U.predict(fitted, small.image, crf_params=[("n_iter", 2)], progress=False)
+    lab = U.predict(fitted, small.image[10], crf_params={"n_iter": 2, "window": 5}, progress=False)
+    assert lab.shape == (32, 32)
+
+
+def test_bool_images_are_taken_as_grey_values(small, fitted):
+    mask = small.image > np.median(small.image)
+    assert U.predict(fitted, mask, crf=False, progress=False).shape == mask.shape
+    assert U.otsu_segment(mask[10], 2).shape == (32, 32)
+    with pytest.raises(ValueError, match=r"^images_or_volume: all values are equal \(False\)"):
+        U.predict(fitted, np.zeros((16, 16), bool), progress=False)

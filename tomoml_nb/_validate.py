@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["as_array", "check_positive", "check_choice", "check_same_shape", "rng_from"]
+__all__ = ["as_array", "check_positive", "check_choice", "check_same_shape", "check_label_out", "rng_from"]
 
 
 def as_array(x, name, *, ndim=None, dtype=None, finite=True, allow_empty=False, nonconstant=False):
@@ -30,7 +30,8 @@ def as_array(x, name, *, ndim=None, dtype=None, finite=True, allow_empty=False, 
     allow_empty : bool
         Accept arrays with zero elements.
     nonconstant : bool
-        Reject arrays whose values are all equal.
+        Reject arrays whose values are all equal. A boolean array is then taken as a
+        grey-value image and returned as float32 (0.0 / 1.0) unless ``dtype`` is given.
 
     Examples
     --------
@@ -57,8 +58,10 @@ def as_array(x, name, *, ndim=None, dtype=None, finite=True, allow_empty=False, 
     if finite and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name}: contains {n_bad} NaN or infinite value(s)")
-    if nonconstant and arr.size and np.ptp(arr) == 0:
-        raise ValueError(f"{name}: all values are equal ({arr.flat[0]!r}); the input carries no structure")
+    if nonconstant and arr.size and arr.min() == arr.max():   # not np.ptp: it cannot subtract booleans
+        raise ValueError(f"{name}: all values are equal ({arr.flat[0].item()!r}); the input carries no structure")
+    if nonconstant and arr.dtype == bool and dtype is None:
+        arr = arr.astype(np.float32)          # grey values 0/1 for the caller's arithmetic
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     return arr
@@ -101,6 +104,35 @@ def check_same_shape(a, b, name_a, name_b):
     """Raise if two arrays differ in shape."""
     if np.shape(a) != np.shape(b):
         raise ValueError(f"{name_b}: shape {np.shape(b)} differs from {name_a} shape {np.shape(a)}")
+
+
+def check_label_out(out, shape, name="out"):
+    """Check an output array for instance labels before any work; return it.
+
+    ``out`` must have ``shape`` and an integer dtype that holds label ids: int32, int64,
+    uint32 or uint64 (smaller integers would wrap around, floats cannot index). Any array
+    with ``shape``, ``dtype`` and slice assignment is accepted (numpy, zarr, h5py).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_label_out(np.zeros((2, 3), np.int32), (2, 3)).dtype
+    dtype('int32')
+    >>> check_label_out(np.zeros((2, 3), np.uint8), (2, 3))
+    Traceback (most recent call last):
+    ...
+    TypeError: out: dtype uint8 cannot hold instance labels; use int32 or int64
+    """
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"{name}: expected an array with shape and dtype (numpy, zarr, h5py), "
+                        f"got {type(out).__name__}")
+    shape = tuple(int(s) for s in shape)
+    if tuple(int(s) for s in out.shape) != shape:
+        raise ValueError(f"{name}: shape {tuple(int(s) for s in out.shape)} differs from the expected shape {shape}")
+    dt = np.dtype(out.dtype)
+    if dt.kind not in "iu" or dt.itemsize < 4:
+        raise TypeError(f"{name}: dtype {dt} cannot hold instance labels; use int32 or int64")
+    return out
 
 
 def rng_from(seed):

@@ -184,7 +184,9 @@ class ActiveLearner:
     first_steps : int, optional
         Steps of the first round (from scratch); default ``2 * steps_per_round``.
     device : str
-    seed : int
+    seed : int or None
+        Seed of the random choices and of the training; None draws one at random (stored
+        in ``seed``, so the run can be repeated).
     progress : bool
 
     Attributes
@@ -242,6 +244,10 @@ class ActiveLearner:
         self.first_steps = 2 * self.steps_per_round if first_steps is None else check_positive(
             first_steps, "first_steps", integer=True)
         self.device = device
+        if seed is None:                  # a random run; the drawn seed is kept in self.seed to repeat it
+            seed = int(np.random.default_rng().integers(2 ** 31))
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed: expected an integer or None, got {type(seed).__name__} {seed!r}")
         self.seed = int(seed)
         self.progress = bool(progress)
         self.rng = rng_from(self.seed)
@@ -402,7 +408,8 @@ class ActiveLearner:
                 if a in count:
                     count[a] += 1
         for q in picked:
-            count[q.axis] += 1
+            if q.axis in count:           # an axis whose candidates all went out of the running is gone
+                count[q.axis] += 1
         low = min(count.values())
         return {a for a, c in count.items() if c == low}
 
@@ -415,11 +422,22 @@ class ActiveLearner:
         Returns
         -------
         list of Query
+            At most ``n`` queries: **fewer** when fewer candidates are left (an axis that runs
+            out of slices is skipped, and with ``strategy != "random"`` only ``candidates``
+            slices are scored; in region mode one window per slice). Never empty.
+
+        Raises
+        ------
+        RuntimeError
+            Nothing is left to query: every pool slice is annotated (in region mode, more
+            than 75 % of every pool slice). Check ``available()`` first to stop a loop.
         """
         n = check_positive(n, "n", integer=True)
         avail = self.available()
         if not avail:
-            raise RuntimeError("pool: every slice of the pool is annotated")
+            raise RuntimeError(f"pool: nothing left to query, every slice of the pool ({len(self.pool)} slices) is "
+                               "annotated" + (" (more than 75 % of each)" if self.region else "") +
+                               "; lower stride for a larger pool")
         if self.region:
             return self._query_regions(n, avail)
 
@@ -582,7 +600,8 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     n_rounds : int
         Rounds of query -> annotate -> retrain.
     per_round : int
-        Slices annotated per round (windows with ``region=...``).
+        Slices annotated per round (windows with ``region=...``); fewer when fewer are
+        left to query (see :meth:`ActiveLearner.query`).
     eval_image, eval_labels : array_like, optional
         Held-out volume for the IoU curve (a different phantom); by default the pool
         volume itself is used (the annotated slices are then a small part of it).
@@ -596,7 +615,8 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     dict
         ``n_annotated``, ``annotated_pixels``, ``mean_iou``, ``iou_per_class`` (one entry per round),
         ``queries`` (``"z=40"`` strings), ``seconds``, ``strategy``, ``evaluated_on``,
-        and the ``learner``.
+        and the ``learner``. When the pool runs out before ``n_rounds`` rounds, the loop
+        stops early with a ``UserWarning`` and the lists hold the rounds done.
 
     Examples
     --------
@@ -634,7 +654,11 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    for _ in tqdm(range(n_rounds), desc=f"active learning ({strategy})", disable=not progress):
+    for r in tqdm(range(n_rounds), desc=f"active learning ({strategy})", disable=not progress):
+        if not learner.available():
+            warnings.warn(f"pool: every slice of the pool is annotated after {r} of {n_rounds} rounds; stopping "
+                          "early (lower stride for a larger pool)", UserWarning, stacklevel=2)
+            break
         qs = learner.step(annotate, per_round)
         own = eval_image is vol
         pred, _ = learner.predict(None if own else eval_image, axes=eval_axes, progress=False)

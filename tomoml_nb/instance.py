@@ -38,7 +38,7 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._validate import as_array, check_choice, check_positive, rng_from
+from ._validate import as_array, check_choice, check_label_out, check_positive, rng_from
 
 __all__ = ["segment_instances", "predict_embeddings", "cluster_embeddings", "train", "embedseg_loss",
            "watershed_instances", "tune_watershed", "evaluate", "object_sizes", "plot_size_distributions",
@@ -67,7 +67,14 @@ def _check_volume(volume, name="volume"):
 def _voxel_size(voxel_size):
     if voxel_size is None:
         return (1.0, 1.0, 1.0)
-    vs = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
+    try:
+        vs = np.asarray(voxel_size, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"voxel_size: expected 3 positive numbers (z, y, x) or one number, "
+                        f"got {voxel_size!r}") from None
+    if vs.ndim > 1 or vs.size not in (1, 3):
+        raise ValueError(f"voxel_size: expected 3 positive numbers (z, y, x) or one number, got {voxel_size!r}")
+    vs = np.broadcast_to(vs.ravel(), (3,))
     if not np.all(np.isfinite(vs)) or np.any(vs <= 0):
         raise ValueError(f"voxel_size: expected 3 positive numbers (z, y, x), got {voxel_size!r}")
     vs = vs / vs.min()                          # relative: the finest axis has unit spacing
@@ -119,8 +126,10 @@ def _torch():
     return torch
 
 
-def save_model(net, path, *, history=None, meta=None):
+def save_model(net, path, *, history=None, meta=None, overwrite=False):
     """Save an EmbedSeg network (config + clustering settings + weights) to ``path``.
+
+    An existing file is refused (``FileExistsError`` naming ``path``) unless ``overwrite=True``.
 
     Examples
     --------
@@ -137,7 +146,8 @@ def save_model(net, path, *, history=None, meta=None):
     cfg["voxel_size"] = list(getattr(net, "tomoml_voxel_size", (1.0, 1.0, 1.0)))
     cfg["window"] = [int(w) for w in getattr(net, "tomoml_window", DEFAULT_WINDOW)]
     return save_state(path, format=FORMAT, config=cfg, state_dict=net.state_dict(),
-                      history=history if history is not None else getattr(net, "tomoml_history", {}), meta=meta)
+                      history=history if history is not None else getattr(net, "tomoml_history", {}), meta=meta,
+                      overwrite=overwrite)
 
 
 def load_model(path):
@@ -389,6 +399,18 @@ def cluster_embeddings(embedding, sigma, seed, foreground, *, fg_threshold=0.5, 
     return _relabel(labels)
 
 
+def _per_axis3(value, name):
+    """One int or 3 ints (z, y, x) -> tuple of 3 Python ints; the error names ``name``."""
+    try:
+        arr = np.asarray(value)
+    except Exception:                                   # pragma: no cover - exotic inputs
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "iuf" or arr.ndim > 1 or arr.size not in (1, 3) or not np.all(np.isfinite(arr)) \
+            or not np.all(arr == np.round(arr)):
+        raise ValueError(f"{name}: expected one integer or 3 integers (z, y, x), got {value!r}")
+    return tuple(int(v) for v in np.broadcast_to(arr.ravel(), (3,)))
+
+
 def _relabel(labels):
     ids, inv = np.unique(labels, return_inverse=True)
     if ids[0] != 0:
@@ -441,13 +463,24 @@ def segment_instances(volume, model="pretrained", tile_shape=None, overlap=None,
     max_voxels : int
         Largest volume processed at once with ``tile_shape="whole"``.
     out : array_like, optional
-        Output array (e.g. zarr) for tiled runs on volumes larger than memory.
+        Output array (e.g. zarr for volumes larger than memory): the volume's shape, dtype
+        int32 or int64 (smaller integers would wrap around and floats cannot hold labels;
+        both are rejected before any work). Written and returned whatever the tiling,
+        also when the volume fits one window or with ``tile_shape="whole"``.
     device : str
     progress : bool
 
     Returns
     -------
     ndarray int32 (or ``out``)
+
+    Raises
+    ------
+    ValueError
+        ``volume`` not 3D or too small; ``tile_shape``, ``overlap`` or ``voxel_size`` of the
+        wrong length or out of range; ``out`` of the wrong shape.
+    TypeError
+        ``out`` of a dtype that cannot hold instance labels.
 
     Examples
     --------
@@ -467,6 +500,14 @@ def segment_instances(volume, model="pretrained", tile_shape=None, overlap=None,
         raise ValueError(f"volume: every axis needs at least 4 voxels, got shape {shape}")
     check_choice(stitch, "stitch", ("iou", "naive"))
     max_voxels = check_positive(max_voxels, "max_voxels", integer=True)
+    if out is not None:
+        check_label_out(out, shape)
+    if isinstance(tile_shape, str):
+        check_choice(tile_shape, "tile_shape", ("whole",))
+    elif tile_shape is not None:
+        tile_shape = _per_axis3(tile_shape, "tile_shape")
+    if overlap is not None:
+        overlap = _per_axis3(overlap, "overlap")
     net = _resolve_model(model)
     dev = resolve_device(device)
     net.eval().to(dev)
@@ -483,26 +524,31 @@ def segment_instances(volume, model="pretrained", tile_shape=None, overlap=None,
             raise ValueError("volume: contains NaN or infinite values")
         return _segment_block(net, (block - lo) / (hi - lo), dev, vs, cluster)
 
+    def whole():
+        lab = labeller(np.asarray(volume))
+        if out is None:
+            return lab
+        out[...] = lab
+        return out
+
     window = tuple(int(w) for w in getattr(net, "tomoml_window", DEFAULT_WINDOW))
     if isinstance(tile_shape, str):
-        check_choice(tile_shape, "tile_shape", ("whole",))
         if int(np.prod(shape)) > max_voxels:
             raise ValueError(f"tile_shape: 'whole' on {shape} exceeds max_voxels={max_voxels}; give a tile shape")
-        return labeller(np.asarray(volume))
+        return whole()
     if tile_shape is None:
         if all(s <= w for s, w in zip(shape, window)):
-            return labeller(np.asarray(volume))
+            return whole()
         tile_shape = window
-    tile_shape = np.broadcast_to(np.asarray(tile_shape), (3,)).astype(int)
-    if np.any(tile_shape < 8):
-        raise ValueError(f"tile_shape: tiles need at least 8 voxels per axis, got {tuple(tile_shape)}")
+    if min(tile_shape) < 8:
+        raise ValueError(f"tile_shape: tiles need at least 8 voxels per axis, got {tile_shape}")
     if overlap is None:
         overlap = tuple(int(min(max(t // 4, 8), t // 2)) for t in tile_shape)
-    ov = np.broadcast_to(np.asarray(overlap), (3,)).astype(int)
+    ov = overlap
     for t, o, s in zip(tile_shape, ov, shape):
         if o < 0 or (t < s and o >= t):
-            raise ValueError(f"overlap: {tuple(ov)} must be >= 0 and smaller than tile_shape {tuple(tile_shape)}")
-    return label_tiles(volume, labeller, tuple(int(t) for t in tile_shape), tuple(int(o) for o in ov),
+            raise ValueError(f"overlap: {ov} must be >= 0 and smaller than tile_shape {tile_shape}")
+    return label_tiles(volume, labeller, tile_shape, ov,
                        stitch=stitch, iou_threshold=iou_threshold, out=out, progress=progress,
                        desc="instance tiles")
 
@@ -756,6 +802,15 @@ def train(volumes, labels, *, model=None, config=None, voxel_size=None, patch_sh
     torch.nn.Module
         The network, with ``tomoml_history`` (loss, validation) attached.
 
+    Raises
+    ------
+    ValueError
+        ``volumes`` neither a 3D volume nor a list of them; ``labels`` not one per volume, of
+        another shape, negative, or without a single instance in any volume; ``patch_shape``
+        or ``voxel_size`` invalid.
+    TypeError
+        ``labels`` not integer.
+
     Examples
     --------
     >>> from tomoml_nb import phantoms
@@ -769,7 +824,10 @@ def train(volumes, labels, *, model=None, config=None, voxel_size=None, patch_sh
     from .models.embedseg import build_embedseg, size_multiple
     from .train import fit, limit_cpu_threads, resolve_device, seed_everything
 
-    if isinstance(volumes, np.ndarray) and volumes.ndim == 3:
+    if hasattr(volumes, "ndim") and hasattr(volumes, "shape"):          # one array, not a list of them
+        if volumes.ndim != 3:
+            raise ValueError(f"volumes: expected a 3D volume (z, y, x) or a list of 3D volumes, got a "
+                             f"{volumes.ndim}D array with shape {tuple(volumes.shape)}")
         volumes, labels = [volumes], [labels]
     if len(volumes) == 0 or len(volumes) != len(labels):
         raise ValueError(f"labels: expected one label volume per volume, got {len(labels)} for {len(volumes)}")
@@ -781,15 +839,20 @@ def train(volumes, labels, *, model=None, config=None, voxel_size=None, patch_sh
             raise ValueError(f"labels[{i}]: shape {lab.shape} differs from volumes[{i}] shape {v.shape}")
         if lab.dtype.kind not in "iu":
             raise TypeError(f"labels[{i}]: expected integer instance labels, got dtype {lab.dtype}")
+        if lab.min() < 0:
+            raise ValueError(f"labels[{i}]: labels must be >= 0 (0 = background), got minimum {int(lab.min())}")
         vols.append(normalize(v))
         labs.append(lab.astype(np.int64))
+    if not any(lab.any() for lab in labs):
+        raise ValueError("labels: no instance in any training volume (every label is 0 = background); "
+                         "the network would learn nothing")
 
     steps = check_positive(steps, "steps", integer=True)
     batch_size = check_positive(batch_size, "batch_size", integer=True)
     seed_everything(seed)
     net = model if model is not None else build_embedseg(config)
     m = size_multiple(net.tomoml_config)
-    patch_shape = tuple(int(p) for p in np.broadcast_to(np.asarray(patch_shape), (3,)))
+    patch_shape = _per_axis3(patch_shape, "patch_shape")
     if any(p % m or p < m for p in patch_shape):
         raise ValueError(f"patch_shape: every size must be a positive multiple of {m}, got {patch_shape}")
     vs = _voxel_size(voxel_size)
@@ -989,10 +1052,19 @@ def object_sizes(labels, voxel_size=None):
     lab = as_array(labels, "labels")
     if lab.dtype.kind not in "iu":
         raise TypeError(f"labels: expected integer instance labels, got dtype {lab.dtype}")
+    if lab.min() < 0:
+        raise ValueError(f"labels: labels must be >= 0 (0 = background), got minimum {int(lab.min())}")
+    if voxel_size is not None:
+        try:
+            vs = np.asarray(voxel_size, np.float64)
+        except (TypeError, ValueError):
+            vs = np.zeros(0)
+        if vs.ndim > 1 or vs.size not in (1, lab.ndim) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+            raise ValueError(f"voxel_size: expected one or {lab.ndim} positive numbers, got {voxel_size!r}")
     counts = np.bincount(lab.ravel().astype(np.int64))[1:]
     counts = counts[counts > 0].astype(np.float64)
     if voxel_size is not None:
-        counts *= float(np.prod(np.broadcast_to(np.asarray(voxel_size, np.float64), (lab.ndim,))))
+        counts *= float(np.prod(np.broadcast_to(vs.ravel(), (lab.ndim,))))
     return counts
 
 

@@ -319,6 +319,18 @@ def _match_pairs(prev, cur, method, iou_threshold):
     return [(int(ua[r]), int(ub[c])) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
 
 
+def _check_iou_threshold(iou_threshold):
+    if isinstance(iou_threshold, (bool, np.bool_)):
+        raise TypeError(f"iou_threshold: expected a number in (0, 1], got {iou_threshold!r}")
+    try:
+        value = float(iou_threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"iou_threshold: expected a number in (0, 1], got {iou_threshold!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"iou_threshold: must be in (0, 1], got {iou_threshold!r}")
+    return value
+
+
 def label_tiles(volume, labeller, tile_shape, overlap=None, *, stitch="iou", iou_threshold=0.5, out=None,
                 progress=True, desc="tiles"):
     """Label a volume tile by tile with any instance labeller and stitch the labels across tiles.
@@ -356,15 +368,27 @@ def label_tiles(volume, labeller, tile_shape, overlap=None, *, stitch="iou", iou
     iou_threshold : float in (0, 1]
         Smallest IoU in the shared region for a join (``"iou"`` only).
     out : array_like, optional
-        Where to write the int32 labels, e.g. a ``zarr`` array for a volume larger than
-        memory (shape = spatial shape). Default: a new numpy array.
+        Where to write the labels, e.g. a ``zarr`` array for a volume larger than
+        memory: shape = spatial shape, dtype int32 or int64 (uint32/uint64 also accepted;
+        smaller integers would wrap around and are rejected, as are floats). Checked before
+        any tile is labelled. Default: a new int32 numpy array.
     progress : bool
         tqdm progress bar.
 
     Returns
     -------
     ndarray or ``out``
-        int32 labels, 0 = background, ``1..n`` unique over the whole volume.
+        int32 labels (``out``'s dtype when given), 0 = background, ``1..n`` unique over the
+        whole volume.
+
+    Raises
+    ------
+    ValueError
+        ``out`` of the wrong shape; ``iou_threshold`` outside (0, 1]; ``labeller`` returning
+        the wrong shape or negative labels.
+    TypeError
+        ``out`` of a dtype that cannot hold the labels; ``iou_threshold`` not a number;
+        ``labeller`` not callable or returning non-integer labels.
 
     Examples
     --------
@@ -378,13 +402,12 @@ def label_tiles(volume, labeller, tile_shape, overlap=None, *, stitch="iou", iou
     """
     from tqdm.auto import tqdm
 
-    from ._validate import check_choice
+    from ._validate import check_choice, check_label_out
 
     check_choice(stitch, "stitch", ("iou", "naive"))
     if not callable(labeller):
         raise TypeError(f"labeller: expected a callable tile -> labels, got {type(labeller).__name__}")
-    if not 0 < float(iou_threshold) <= 1:
-        raise ValueError(f"iou_threshold: must be in (0, 1], got {iou_threshold!r}")
+    iou_threshold = _check_iou_threshold(iou_threshold)
     shape = tuple(np.shape(volume))
     nd = len(tile_shape) if not np.isscalar(tile_shape) else min(3, len(shape))
     if len(shape) < nd:
@@ -393,8 +416,8 @@ def label_tiles(volume, labeller, tile_shape, overlap=None, *, stitch="iou", iou
     tiles, cores, index, _, _ = _tile_layout(spatial, tile_shape, overlap)
     if out is None:
         out = np.zeros(spatial, np.int32)
-    elif tuple(out.shape) != spatial:
-        raise ValueError(f"out: shape {tuple(out.shape)} differs from the volume's spatial shape {spatial}")
+    else:
+        check_label_out(out, spatial)
     uf = _UnionFind()
     pending = {}                                  # (earlier tile, later tile) -> earlier tile's labels there
     later = {t: [u for u in range(t + 1, len(tiles)) if _intersect(tiles[t], tiles[u])] for t in range(len(tiles))}
@@ -409,6 +432,9 @@ def label_tiles(volume, labeller, tile_shape, overlap=None, *, stitch="iou", iou
         if lab.dtype.kind not in "iub":
             raise TypeError(f"labeller: must return integer labels, got dtype {lab.dtype}")
         ids, inv = np.unique(lab, return_inverse=True)
+        if ids.size and ids[0] < 0:
+            raise ValueError(f"labeller: returned negative labels (minimum {int(ids[0])}) for the tile at "
+                             f"{tuple((s.start, s.stop) for s in sl)}; labels must be >= 0 (0 = background)")
         n = int((ids > 0).sum())
         first = uf.add(n)
         # global ids: first + k for the k-th object of this tile (1-based, 0 stays background)
@@ -458,11 +484,19 @@ def stitch_labels(shape, tile_labels, tile_shape, overlap=None, **kwargs):
     tile_shape, overlap
         The tiling that produced them.
     **kwargs
-        ``stitch``, ``iou_threshold``, ``out``, ``progress`` as in :func:`label_tiles`.
+        ``stitch``, ``iou_threshold``, ``out``, ``progress`` as in :func:`label_tiles`
+        (``out``: int32 or int64, checked before any work).
 
     Returns
     -------
-    ndarray, int32
+    ndarray, int32 (or ``out``)
+
+    Raises
+    ------
+    ValueError
+        ``tile_labels`` of the wrong number or with negative labels; see also :func:`label_tiles`.
+    TypeError
+        ``tile_labels`` not integer; ``out`` of a dtype that cannot hold the labels.
 
     Examples
     --------
@@ -476,6 +510,12 @@ def stitch_labels(shape, tile_labels, tile_shape, overlap=None, **kwargs):
     tile_labels = list(tile_labels)
     if len(tile_labels) != len(layout):
         raise ValueError(f"tile_labels: got {len(tile_labels)} tiles, the tiling has {len(layout)}")
+    for i, t in enumerate(tile_labels):
+        lab = np.asarray(t)
+        if lab.dtype.kind not in "iub":
+            raise TypeError(f"tile_labels[{i}]: expected integer labels, got dtype {lab.dtype}")
+        if lab.size and lab.min() < 0:
+            raise ValueError(f"tile_labels[{i}]: labels must be >= 0 (0 = background), got minimum {int(lab.min())}")
     lookup = {tuple((s.start, s.stop) for s in t): i for i, (t, _) in enumerate(layout)}
     vol_shape = tuple(int(s) for s in shape)
 

@@ -904,16 +904,16 @@ def predict_proba(segmenter, images_or_volume, *, axes=("z",), batch_size=16, de
 
     from .train import limit_cpu_threads, resolve_device
 
+    from .segment import _check_axes
+
     seg = _check_segmenter(segmenter)
     arr = as_array(images_or_volume, "images_or_volume", ndim=(2, 3), nonconstant=True)
     if min(arr.shape[-2:]) < 8:
         raise ValueError(f"images_or_volume: slices must be at least 8 x 8 pixels, got shape {arr.shape}")
     is2d = arr.ndim == 2
+    axes = ("z",) if is2d else _check_axes(axes)
     vol = normalize(arr)
     vol = vol[None] if is2d else vol
-    axes = ("z",) if is2d else tuple(axes)
-    for a in axes:
-        check_choice(a, "axes", ("z", "y", "x"))
     dev = resolve_device(device)
     net = seg.net.to(dev).eval()
     cen = torch.as_tensor(seg.centroids, device=dev)
@@ -947,17 +947,25 @@ def predict(segmenter, images_or_volume, crf=True, *, axes=("z",), crf_method="a
     crf : bool
         Refine with a dense CRF (:func:`crf_refine`).
     axes : tuple of {"z", "y", "x"}
-        Slice directions whose probabilities are averaged (3D only).
+        Slice directions whose probabilities are averaged (3D only; at least one, no repeats).
     crf_method : {"auto", "torch", "pydensecrf"}
         ``"auto"`` = the torch mean-field CRF (see :func:`crf_refine` for why).
     crf_params : dict, optional
-        Extra arguments for :func:`crf_refine`.
+        Extra arguments for :func:`crf_refine`, keys among :data:`CRF_PARAMS`
+        (``n_iter``, ``sxy_gauss``, ``w_gauss``, ``sxy_bilateral``, ``s_intensity``,
+        ``w_bilateral``, ``window``, ``batch``).
 
     Returns
     -------
     ndarray of uint8
         Cluster labels, same shape as the input. Cluster ids are arbitrary; match
         them to classes with :func:`tomoml_nb.metrics.hungarian_match`.
+
+    Raises
+    ------
+    ValueError
+        ``axes`` empty, repeated or not among "z", "y", "x"; unknown ``crf_method``;
+        unknown key in ``crf_params``.
 
     Examples
     --------
@@ -967,11 +975,29 @@ def predict(segmenter, images_or_volume, crf=True, *, axes=("z",), crf_method="a
     >>> predict(seg, vol[0], progress=False).shape
     (32, 32)
     """
+    check_choice(crf_method, "crf_method", ("auto", "torch", "pydensecrf"))
+    crf_params = _check_crf_params(crf_params)
     prob = predict_proba(segmenter, images_or_volume, axes=axes, batch_size=batch_size, device=device,
                          progress=progress)
     if crf:
-        return crf_refine(prob, images_or_volume, method=crf_method, device=device, **dict(crf_params or {}))
+        return crf_refine(prob, images_or_volume, method=crf_method, device=device, **crf_params)
     return prob.argmax(0).astype(np.uint8)
+
+
+#: Keys of ``predict(crf_params=...)``: the tuning arguments of :func:`crf_refine`.
+CRF_PARAMS = ("n_iter", "sxy_gauss", "w_gauss", "sxy_bilateral", "s_intensity", "w_bilateral", "window", "batch")
+
+
+def _check_crf_params(crf_params):
+    if crf_params is None:
+        return {}
+    if not isinstance(crf_params, dict):
+        raise TypeError(f"crf_params: expected a dict of crf_refine arguments, got {type(crf_params).__name__}")
+    unknown = [k for k in crf_params if k not in CRF_PARAMS]
+    if unknown:
+        raise ValueError(f"crf_params: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: "
+                         f"{', '.join(CRF_PARAMS)} (method and device are predict's crf_method and device)")
+    return dict(crf_params)
 
 
 def fit_predict(images, n_classes, *, crf=True, seed=0, progress=True, **kwargs):
@@ -1221,8 +1247,11 @@ def kmeans_segment(image, n_classes, *, features="filters", sigmas=(1.0, 2.0, 4.
 # --------------------------------------------------------------------------------------
 # weights I/O
 # --------------------------------------------------------------------------------------
-def save_model(segmenter, path, **meta):
+def save_model(segmenter, path, *, overwrite=False, **meta):
     """Save a :class:`Segmenter` (network, centroids, settings) with :func:`tomoml_nb.weights.save_state`.
+
+    An existing file is refused (``FileExistsError`` naming ``path``) unless ``overwrite=True``;
+    other keyword arguments are stored as provenance (``meta``).
 
     Examples
     --------
@@ -1239,7 +1268,7 @@ def save_model(segmenter, path, **meta):
     config = dict(seg.net.config, n_classes=seg.n_classes, temperature=seg.temperature, space=seg.space,
                   centroids=np.asarray(seg.centroids, np.float32).tolist())
     return save_state(path, format=FORMAT, config=config, state_dict=seg.net.state_dict(),
-                      history=seg.history, meta=meta)
+                      history=seg.history, meta=meta, overwrite=overwrite)
 
 
 def load_model(path, device="cpu"):
