@@ -101,7 +101,7 @@ def main(argv=None):
     meta = {"train": TRAIN, "val": VAL, "hyper": hyper, "steps": steps, "train_seconds": round(t_train, 1),
             "registration_seconds": round(t_reg, 1), "val_lookup": base, "val_cyclegan": gan,
             "threads": args.threads, "machine": platform.processor() or platform.machine()}
-    path = histology.save_model(net, out / "cyclegan_bone_implant.pt", **meta)
+    path = histology.save_model(net, out / "cyclegan_bone_implant.pt", overwrite=True, **meta)
     size_kb = path.stat().st_size / 1024
     curve = ", ".join(f"{s}: {v:.3f}" for s, v in net.tomoml_history.get("val", []))
     card = f"""# cyclegan_bone_implant -- virtual histology (CT -> H&E) for the bone-implant phantom

@@ -156,7 +156,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "tomoml_nb" / "weights" / "unet_bone_implant.pt")
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/tomoml_unet_bone_implant.ckpt"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/tomoml_unet_bone_implant.ckpt"),
+                    help="training checkpoint, written every 100 steps and deleted once the weights are saved; "
+                         "a run without --resume refuses to replace one left by an interrupted run")
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="small volumes (smoke test of the script)")
@@ -188,9 +190,11 @@ def main(argv=None):
         steps = args.steps
     net.tomoml_config["fusion_weights"] = fit_fusion(net, val)
     print("fusion weights (fitted on the validation phantom):", net.tomoml_config["fusion_weights"])
-    out = segment.save_model(net, args.out, script="scripts/train_unet.py", steps=steps,
+    out = segment.save_model(net, args.out, overwrite=True, script="scripts/train_unet.py", steps=steps,
                              seconds=round(seconds, 1))
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB) after {seconds / 60:.1f} min")
+    if args.from_weights is None:
+        args.checkpoint.unlink(missing_ok=True)      # the run finished: nothing left to resume
     rows = evaluate(net) if not args.quick else []
     for name, res in rows:
         for kind, iou in res.items():

@@ -106,7 +106,7 @@ def choose_and_save_iters(net, val_batches, out, dev, t0):
         + f" -> inference_iters {best}")
     meta = {**getattr(net, "tomoml_meta", {}), "inference_iters": best,
             "val_epe_by_iters": {str(k): round(v, 4) for k, v in epe.items()}}
-    dvc.save_model(net, out, history=getattr(net, "tomoml_history", {}), **meta)
+    dvc.save_model(net, out, history=getattr(net, "tomoml_history", {}), overwrite=True, **meta)
     return {str(k): v for k, v in epe.items()}
 
 
@@ -226,7 +226,7 @@ def main(argv=None):
         improved = epe < best["val_epe"]
         if improved:
             best.update(val_epe=epe, step=state["step"])
-            dvc.save_model(net, args.out, history={"val_epe": epe, "step": state["step"]},
+            dvc.save_model(net, args.out, history={"val_epe": epe, "step": state["step"]}, overwrite=True,
                            script="scripts/train_volraft.py", args=vars(args) | {"out": str(args.out)})
         log(t0, f"step {state['step']:5d}  val EPE {epe:.4f} voxels{'  (best, saved)' if improved else ''}")
         return epe
@@ -234,8 +234,8 @@ def main(argv=None):
     if args.init is not None:  # continuing: the starting weights are the ones to beat
         epe0 = dvc.evaluate(model, val_batches, iters=12, device=dev)
         best.update(val_epe=epe0, step=0)
-        dvc.save_model(model, args.out, history={"val_epe": epe0, "step": 0}, script="scripts/train_volraft.py",
-                       args=vars(args) | {"out": str(args.out)})
+        dvc.save_model(model, args.out, history={"val_epe": epe0, "step": 0}, overwrite=True,
+                       script="scripts/train_volraft.py", args=vars(args) | {"out": str(args.out)})
         log(t0, f"initial weights {args.init}: val EPE {epe0:.4f} voxels")
         model.train()
     time_limit = args.budget_s - (time.perf_counter() - t0) - 8.0
@@ -244,7 +244,7 @@ def main(argv=None):
                val_every=val_every, device=dev, seed=args.seed, progress=False, time_limit=max(time_limit, 1.0))
     done = hist["steps"]
     if best["val_epe"] == float("inf"):
-        dvc.save_model(model, args.out, script="scripts/train_volraft.py")
+        dvc.save_model(model, args.out, script="scripts/train_volraft.py", overwrite=True)
     iters_epe = choose_and_save_iters(dvc.load_model(args.out, device=dev), val_batches, args.out, dev, t0)
     elapsed = time.perf_counter() - t0
     size_mb = args.out.stat().st_size / 1e6

@@ -348,3 +348,26 @@ def test_choose_iters_rejects_bad_candidates():
         dvc.choose_iters(dvc.make_model(), [], candidates=())
     with pytest.raises(ValueError, match="candidates"):
         dvc.choose_iters(dvc.make_model(), [], candidates=(0,))
+
+
+def test_voxel_size_and_patch_shape_errors_name_the_parameter(texture):
+    u = np.zeros((3, 6, 6, 6))
+    for bad in ((1, 2), "1um", None, (1, 2, 3, 4), (1, np.nan, 1)):
+        with pytest.raises(ValueError, match="^voxel_size"):
+            dvc.strain(u, voxel_size=bad)
+    assert dvc.strain(u, voxel_size=(2, 1, 1))["E"].shape == (3, 3, 6, 6, 6)
+    with pytest.raises(ValueError, match="^patch_shape"):
+        dvc.estimate_displacement(texture, texture, "volraft", patch_shape=(32, 32), model=dvc.make_model())
+    with pytest.raises(ValueError, match="^overlap"):
+        dvc.estimate_displacement(texture, texture, "volraft", patch_shape=32, overlap=(4, 4),
+                                  model=dvc.make_model())
+
+
+def test_save_model_never_overwrites_without_overwrite(tmp_path):
+    net = dvc.make_model(downsample=4)
+    mine = tmp_path / "v.pt"
+    mine.write_text("mine")
+    with pytest.raises(FileExistsError, match="^path"):
+        dvc.save_model(net, mine)
+    assert mine.read_text() == "mine"
+    assert dvc.load_model(dvc.save_model(net, mine, overwrite=True)).factor == net.factor

@@ -359,3 +359,39 @@ def test_colour_metrics():
         metrics.texture_distance(ref, ref[..., 0])
     with pytest.raises(ValueError, match="^estimate"):
         metrics.sliced_wasserstein(np.zeros((4, 5)), ref)
+
+
+def test_predict_volume_validates_its_input_and_out(tiny_gan, phantom):
+    vol = phantom.image[:4, :16, :16].copy()
+    vol[2, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="^volume: contains 1 NaN"):
+        H.predict_volume(vol, tiny_gan, progress=False)
+    vol[2, 3, 3] = np.inf
+    with pytest.raises(ValueError, match="^volume"):
+        H.predict_volume(vol, tiny_gan, batch_size=1, progress=False)
+    vol = phantom.image[:4, :16, :16]
+    with pytest.raises(ValueError, match="^volume: slices of 4 x 4 pixels are too small"):
+        H.predict_volume(vol[:, :4, :4], tiny_gan, progress=False)
+    with pytest.raises(ValueError, match="^image: .*too small"):
+        H.translate(vol[0, :4, :4], tiny_gan)
+    assert H.predict_volume(vol[:, :5, :5], tiny_gan, progress=False).shape == (4, 5, 5, 3)
+    with pytest.raises(ValueError, match="^out: .*floating-point"):
+        H.predict_volume(vol, tiny_gan, out=np.zeros(vol.shape + (3,), np.uint8), progress=False)
+    with pytest.raises(TypeError, match="^out"):
+        H.predict_volume(vol, tiny_gan, out=[0.0], progress=False)
+    out = np.zeros(vol.shape + (3,))
+    assert H.predict_volume(vol, tiny_gan, out=out, progress=False) is out and out.max() > 0
+
+
+def test_save_and_checkpoint_never_overwrite_user_files(tiny_gan, pairs, tmp_path):
+    mine = tmp_path / "mine.pt"
+    mine.write_text("mine")
+    with pytest.raises(FileExistsError, match="^path"):
+        H.save_model(tiny_gan, mine)
+    cts, his = pairs
+    with pytest.raises(FileExistsError, match="^checkpoint: .*resume=True"):
+        H.train_cyclegan(cts, his, steps=1, checkpoint=mine, **TINY)
+    with pytest.raises(ValueError, match="^checkpoint"):
+        H.train_cyclegan(cts, his, steps=1, checkpoint=mine, resume=True, **TINY)
+    assert mine.read_text() == "mine"
+    assert H.load_model(H.save_model(tiny_gan, mine, overwrite=True)).tomoml_config["base"] == 4

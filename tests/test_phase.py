@@ -98,6 +98,7 @@ def test_physics_retrieval_runs_fits_the_data_and_is_deterministic():
 @pytest.mark.parametrize("kwargs,name", [
     (dict(energy_kev=0), "energy_kev"), (dict(energy_kev=-5), "energy_kev"), (dict(energy_kev=1000), "energy_kev"),
     (dict(distance_m=0), "distance_m"), (dict(distance_m=-1), "distance_m"), (dict(distance_m=500), "distance_m"),
+    (dict(distance_m=1e-12), "distance_m"), (dict(distance_m=50), "distance_m"),
     (dict(pixel_size_m=0), "pixel_size_m"), (dict(pixel_size_m=2e-3), "pixel_size_m"),
     (dict(pixel_size_m=1e-10), "pixel_size_m"),
 ])
@@ -127,3 +128,24 @@ def test_other_bad_inputs():
         P.simulate_phase_contrast(img, img, E, Z, PX, thickness_m=5.0)
     with pytest.raises(ValueError, match="intensity"):
         P.retrieve(-img, E, Z, PX, "paganin", delta_beta=10)
+
+
+@pytest.mark.parametrize("scale", [30000.0, 0.0, 0.01, 25.0])
+def test_intensity_that_is_not_flat_fielded_is_refused(scale):
+    """Raw counts (median ~3e4) gave a phase of +2576 rad; an all-zero image a constant -3454 rad."""
+    img = np.ones((32, 32)) * scale
+    with pytest.raises(ValueError, match="^intensity: median .* flat-field"):
+        P.retrieve(img, E, Z, PX, "paganin", delta_beta=100)
+    with pytest.raises(ValueError, match="^intensity: median"):
+        P.retrieve(img, E, Z, PX, "physics", n_iter=1, progress=False)
+    with pytest.raises(ValueError, match="^intensity: median"):
+        P.paganin(img, E, Z, PX, 100)
+
+
+def test_plausible_distances_still_pass():
+    img = np.ones((32, 32))
+    for z in (1e-6, 0.05, 10.0):
+        assert P.retrieve(img * 0.9, E, z, PX, "paganin", delta_beta=100).shape == (32, 32)
+        assert P.fresnel_propagate(img.astype(complex), E, z, PX).shape == (32, 32)
+    with pytest.raises(ValueError, match="^distance_m: .*1 um - 10 m"):
+        P.fresnel_number(E, 11.0, PX)

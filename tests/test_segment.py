@@ -382,3 +382,27 @@ def test_crops_of_2d_items_are_whole_slices():
         x, y = sampler._one(rng)
         assert x.shape == (32, 32)
         assert (y >= 0).all()  # no padding: every pixel of the crop comes from the slice
+
+
+def test_user_files_are_never_overwritten(tiny_net, tmp_path):
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    img, lab = disks()
+    with pytest.raises(FileExistsError, match="^checkpoint: .*resume=True"):
+        segment.train_unet(img, lab, steps=2, checkpoint=mine, val_fraction=0, **TINY)
+    with pytest.raises(ValueError, match="^checkpoint"):
+        segment.train_unet(img, lab, steps=2, checkpoint=mine, resume=True, val_fraction=0, **TINY)
+    with pytest.raises(FileExistsError, match="^path"):
+        segment.save_model(tiny_net, mine)
+    assert mine.read_text() == "my notes"
+    p = segment.save_model(tiny_net, mine, overwrite=True, note="x")
+    assert segment.load_model(p).tomoml_meta == {"note": "x"}
+
+
+def test_resume_from_another_architecture_names_the_checkpoint(tmp_path):
+    img, lab = disks()
+    ck = tmp_path / "ck.pt"
+    segment.train_unet(img, lab, steps=2, checkpoint=ck, val_fraction=0, **TINY)
+    with pytest.raises(ValueError, match="^checkpoint: .*different network"):
+        segment.train_unet(img, lab, steps=4, checkpoint=ck, resume=True, val_fraction=0,
+                           **{**TINY, "channels": (8, 16)})

@@ -7,6 +7,7 @@ through ``tomoml_nb.data.load`` and are skipped when it is absent.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -318,7 +319,8 @@ def test_normalize_frames_stacks_and_shapes():
     bad[0, 0, 0] = 50.0
     dead = flat.copy()
     dead[1, 1] = 100.0
-    t = tomo.normalize(bad, dead, dark, eps=1e-4)
+    with pytest.warns(UserWarning, match="^flats: not above the darks in 1 of 24"):  # 4 % dead pixels
+        t = tomo.normalize(bad, dead, dark, eps=1e-4)
     assert np.isfinite(t).all() and t.min() >= 1e-4
     assert t[0, 0, 0] == pytest.approx(1e-4) and np.all(t[:, 1, 1] == 1.0)
     assert np.isfinite(tomo.minus_log(t)).all()
@@ -462,3 +464,54 @@ def test_find_center_small_noisy_striped_sinograms_stay_near_the_centre_of_mass(
         sino = sino + rng.normal(0, 0.05 * sino.std(), (1, sino.shape[1]))
         errors.append(abs(tomo.find_center(sino, th) - c))
     assert max(errors) < 5.0 and np.median(errors) < 1.5, errors
+
+
+# --------------------------------------------------------------------------- implausible units and values
+def test_angles_in_degrees_are_refused_everywhere():
+    img = np.zeros((32, 32), np.float32)
+    img[8:24, 10:22] = 1
+    th = np.linspace(0, np.pi, 64, endpoint=False)
+    sino = tomo.forward_project(img, th)
+    deg = np.degrees(th)
+    for call in (lambda: tomo.reconstruct(sino, deg), lambda: tomo.forward_project(img, deg),
+                 lambda: tomo.simulate_acquisition(img, angles=deg), lambda: tomo.find_center(sino, deg)):
+        with pytest.raises(ValueError, match=r"^angles: .*radians.*np\.deg2rad"):
+            call()
+    # full turns, with the end point or a small overscan, are radians
+    for th in (np.linspace(0, 2 * np.pi, 61), np.linspace(0, np.deg2rad(370), 61), np.linspace(0, 2.5 * np.pi, 61)):
+        assert tomo.reconstruct(tomo.forward_project(img, th), th).shape == (32, 32)
+
+
+def test_normalize_refuses_swapped_flats_and_darks_and_warns_on_dead_pixels():
+    proj = np.ones((4, 10, 10))
+    with pytest.raises(ValueError, match=r"^flats: .*100.0 %.*swapped"):
+        tomo.normalize(proj, np.zeros((10, 10)), np.full((10, 10), 2.0))
+    with pytest.raises(ValueError, match="^flats"):
+        tomo.normalize(proj, np.zeros((10, 10)), np.zeros((10, 10)))
+    with pytest.raises(ValueError, match="^flats: .*no darks"):
+        tomo.normalize(proj, np.zeros((10, 10)))
+    flat = np.full((10, 10), 2.0)
+    flat[0, :3] = 0.0                                     # 3 % dead pixels: a warning with the count
+    with pytest.warns(UserWarning, match="^flats: not above the darks in 3 of 100"):
+        t = tomo.normalize(proj, flat, np.zeros((10, 10)))
+    assert np.all(t[:, 0, :3] == 1.0) and np.allclose(t[:, 1:], 0.5)
+    flat[0, :3] = 2.0
+    flat[0, 0] = 0.0                                      # 1 % dead: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tomo.normalize(proj, flat, np.zeros((10, 10)))
+
+
+def test_center_outside_the_detector_and_constant_sinogram_are_refused():
+    th = np.linspace(0, np.pi, 32, endpoint=False)
+    sino = tomo.forward_project(np.ones((32, 32), np.float32), th)
+    for c in (500, -5, 32.0):
+        with pytest.raises(ValueError, match="^center: .*outside the detector"):
+            tomo.reconstruct(sino, th, center=c)
+    with pytest.raises(ValueError, match="^center"):
+        tomo.forward_project(np.ones((32, 32)), th, center=40)
+    with pytest.raises(ValueError, match="^init"):
+        tomo.find_center(sino, th, init=-3)
+    assert tomo.reconstruct(sino, th, center=31.0).shape == (32, 32)
+    with pytest.raises(ValueError, match="^sinogram: all values are equal"):
+        tomo.find_center(np.ones_like(sino), th)

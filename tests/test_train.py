@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tomoml_nb.train import fit, load_checkpoint, resolve_device
+from tomoml_nb import weights
+from tomoml_nb.train import fit, load_checkpoint, resolve_device, save_checkpoint
 
 
 def _problem():
@@ -62,3 +63,51 @@ def test_bad_arguments():
         resolve_device("tpu:7")
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         load_checkpoint("/nonexistent/ck.pt")
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(tmp_path):
+    _, _, batches, loss_fn = _problem()
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    with pytest.raises(FileExistsError, match="^checkpoint: .*pass resume=True to continue from it, or choose"):
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=mine)
+    with pytest.raises(ValueError, match="^checkpoint: .*cannot be read"):       # not a checkpoint: kept
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=mine, resume=True)
+    assert mine.read_text() == "my notes"
+    w = weights.save_state(tmp_path / "w.pt", format="demo.linear/1", config={},
+                           state_dict=torch.nn.Linear(3, 1).state_dict())
+    with pytest.raises(ValueError, match="^checkpoint: .*not a training checkpoint"):
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=w, resume=True)
+    ck = tmp_path / "ck.pt"
+    fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=ck)
+    with pytest.raises(FileExistsError, match="^checkpoint"):                   # a second run, same path
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=ck)
+    with pytest.raises(FileExistsError, match="^checkpoint"):
+        save_checkpoint(ck, torch.nn.Linear(3, 1))
+    assert save_checkpoint(ck, torch.nn.Linear(3, 1), overwrite=True) == ck
+    with pytest.raises(ValueError, match="^checkpoint: .*folder"):
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=tmp_path)
+
+
+def test_resuming_another_architecture_names_the_checkpoint(tmp_path):
+    _, _, batches, loss_fn = _problem()
+    ck = tmp_path / "ck.pt"
+    fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, progress=False, checkpoint=ck)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="^checkpoint: .*different network"):
+        fit(other, batches, loss_fn, steps=4, progress=False, checkpoint=ck, resume=True)
+    with pytest.raises(ValueError, match="^checkpoint: .*size mismatch"):
+        load_checkpoint(ck, torch.nn.Linear(2, 1))
+
+
+def test_save_state_refuses_an_existing_file_unless_overwrite(tmp_path):
+    sd = torch.nn.Linear(2, 1).state_dict()
+    mine = tmp_path / "mine.pt"
+    mine.write_text("not yours")
+    with pytest.raises(FileExistsError, match="^path: .*overwrite=True"):
+        weights.save_state(mine, format="demo.linear/1", config={}, state_dict=sd)
+    assert mine.read_text() == "not yours"
+    p = weights.save_state(mine, format="demo.linear/1", config={"n": 2}, state_dict=sd, overwrite=True)
+    assert weights.load_state(p, format="demo.linear/1")["config"] == {"n": 2}
+    with pytest.raises(IsADirectoryError, match="^path"):
+        weights.save_state(tmp_path, format="demo.linear/1", config={}, state_dict=sd, overwrite=True)

@@ -199,6 +199,17 @@ def estimate_displacement(fixed, moving, method="volraft", mask=None, *, preset=
 # --------------------------------------------------------------------------------------
 # learned: VolRAFT
 # --------------------------------------------------------------------------------------
+def _triple(value, name):
+    """An int or 3 ints (z, y, x) -> tuple of 3 ints; an error naming ``name`` otherwise."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        arr = np.full(3, arr)
+    if arr.shape != (3,) or arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)) \
+            or not np.all(arr == np.round(arr)):
+        raise ValueError(f"{name}: expected an integer or 3 integers (z, y, x), got {value!r}")
+    return tuple(int(v) for v in arr)
+
+
 def _volraft(f, m, mask, net, patch_shape, overlap, iters, device, progress):
     import torch
 
@@ -210,12 +221,12 @@ def _volraft(f, m, mask, net, patch_shape, overlap, iters, device, progress):
     dev = resolve_device(device)
     net = net.to(dev).eval()
     factor = net.factor
-    patch = tuple(int(p) for p in (np.broadcast_to(patch_shape, (3,))))
+    patch = _triple(patch_shape, "patch_shape")
     for p in patch:
         check_positive(p, "patch_shape", integer=True)
         if p < 16:
             raise ValueError(f"patch_shape: every axis needs at least 16 voxels, got {patch}")
-    ov = tuple(int(o) for o in np.broadcast_to(overlap, (3,)))
+    ov = _triple(overlap, "overlap")
     if any(o < 0 or o >= p for o, p in zip(ov, patch)):
         raise ValueError(f"overlap: must be in [0, patch_shape), got {ov} for patch_shape {patch}")
     floor = 0.05  # f is already globally standardised: per-patch std never below 5 % of the global one
@@ -251,8 +262,11 @@ def make_model(**config):
     return VolRAFT(**config)
 
 
-def save_model(model, path, history=None, **meta):
+def save_model(model, path, history=None, *, overwrite=False, **meta):
     """Save a VolRAFT network (state dict + config) with :func:`tomoml_nb.weights.save_state`.
+
+    An existing file is refused (``FileExistsError`` naming ``path``) unless
+    ``overwrite=True``; ``meta`` is stored as provenance.
 
     Examples
     --------
@@ -266,7 +280,8 @@ def save_model(model, path, history=None, **meta):
     if not hasattr(model, "config") or not hasattr(model, "fnet"):
         raise TypeError("model: expected a VolRAFT network")
     return weights.save_state(path, format=_FORMAT, config=model.config, state_dict=model.state_dict(),
-                              history=history or getattr(model, "tomoml_history", {}), meta=meta)
+                              history=history or getattr(model, "tomoml_history", {}), meta=meta,
+                              overwrite=overwrite)
 
 
 def load_model(path, device="cpu"):
@@ -520,9 +535,15 @@ def strain(u, voxel_size=1.0, smooth=0.0, *, mask=None):
     u = as_array(u, "u", ndim=4)
     if u.shape[0] != 3 or min(u.shape[1:]) < 2:
         raise ValueError(f"u: expected shape (3, z, y, x) with at least 2 voxels per axis, got {u.shape}")
-    vs = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,)) if np.ndim(voxel_size) <= 1 else None
+    try:
+        vs = np.asarray(voxel_size, dtype=np.float64)
+    except (TypeError, ValueError):
+        vs = None
+    if vs is not None and vs.ndim == 0:
+        vs = np.full(3, float(vs))
     if vs is None or vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size: expected a positive number or 3 positive numbers, got {voxel_size!r}")
+        raise ValueError(f"voxel_size: expected a positive number or 3 positive numbers (z, y, x) in one "
+                         f"length unit, got {voxel_size!r}")
     check_positive(smooth, "smooth", allow_zero=True)
     if mask is not None:
         mask = as_array(mask, "mask", ndim=3).astype(bool)

@@ -1581,6 +1581,15 @@ def _run_generator(net, x, dev, multiple):
     return y[..., :H, :W].float().cpu().numpy()
 
 
+def _check_slice_size(hw, config, name):
+    """The generator halves the slice ``n_down`` times and reflect-pads the result: every
+    side needs more than ``2**n_down`` pixels."""
+    need = 2 ** config["n_down"] + 1
+    if min(hw) < need:
+        raise ValueError(f"{name}: slices of {hw[0]} x {hw[1]} pixels are too small for this network "
+                         f"(n_down={config['n_down']}); every side needs at least {need} pixels")
+
+
 def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_steps=0, crop=64, batch_size=4,
                    lr=5e-4, warmup_lr=None, lambda_cycle=10.0, lambda_identity=0.5, lambda_paired=100.0, identity_batch=1,
                    generator="unet",
@@ -1656,7 +1665,9 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
     checkpoint : path, optional
         Saved every ``checkpoint_every`` steps and at the end (generators,
         discriminators, both optimisers); with ``resume=True`` training continues
-        from it.
+        from it. An existing file is refused without ``resume=True``
+        (``FileExistsError``), and with it unless it is a tomoml_nb checkpoint of the
+        same network (``ValueError``); see :func:`tomoml_nb.train.check_checkpoint_path`.
     device : str
         ``"auto"`` picks CUDA when available.
     seed : int
@@ -1690,7 +1701,7 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
     from tqdm.auto import tqdm
 
     from .models.cyclegan import CycleGAN
-    from .train import load_checkpoint, resolve_device, save_checkpoint, seed_everything
+    from .train import check_checkpoint_path, load_checkpoint, resolve_device, save_checkpoint, seed_everything
 
     cts, his, C = _pair_lists(ct_slices, histo_images, paired=paired)
     steps = check_positive(steps, "steps", integer=True)
@@ -1710,6 +1721,7 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
     check_choice(generator, "generator", ("unet", "resnet"))
     val_every = check_positive(val_every, "val_every", integer=True)
     checkpoint_every = check_positive(checkpoint_every, "checkpoint_every", integer=True)
+    checkpoint = check_checkpoint_path(checkpoint, resume)
     if num_threads is not None:
         num_threads = check_positive(num_threads, "num_threads", integer=True)
     dev = resolve_device(device)
@@ -1757,7 +1769,7 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
         history = {"loss_g": [], "loss_d": [], "loss_paired": [], "val": []}
         start = 0
         rng = np.random.default_rng(seed)
-        if resume and checkpoint is not None and Path(checkpoint).is_file():
+        if resume and checkpoint is not None and checkpoint.is_file():
             state = load_checkpoint(checkpoint, model, opt_g, map_location=dev)
             if "opt_d" in state:
                 opt_d.load_state_dict(state["opt_d"])
@@ -1816,7 +1828,7 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
                     history["val"].append((step + 1, validate()))
                 if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                     save_checkpoint(checkpoint, model, opt_g, step + 1, history, opt_d=opt_d.state_dict(),
-                                    config=config)
+                                    config=config, overwrite=True)
                 if time_limit is not None and time.perf_counter() - t0 > time_limit:
                     step += 1
                     break
@@ -1866,7 +1878,7 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
                 history["val"].append((step + 1, validate()))
             if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                 save_checkpoint(checkpoint, model, opt_g, step + 1, history, opt_d=opt_d.state_dict(),
-                                config=config)
+                                config=config, overwrite=True)
             if time_limit is not None and time.perf_counter() - t0 > time_limit:
                 step += 1
                 break
@@ -1876,7 +1888,8 @@ def train_cyclegan(ct_slices, histo_images, paired=True, *, steps=1000, warmup_s
         if val and (not history["val"] or history["val"][-1][0] != step):
             history["val"].append((step, validate()))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt_g, step, history, opt_d=opt_d.state_dict(), config=config)
+            save_checkpoint(checkpoint, model, opt_g, step, history, opt_d=opt_d.state_dict(), config=config,
+                            overwrite=True)
         history["steps"] = step
         history["seconds"] = time.perf_counter() - t0
     finally:
@@ -1947,11 +1960,14 @@ def translate(image, model="pretrained", *, direction="ct2histo", device="auto",
     cfg = model.tomoml_config
     mult = 2 ** cfg["n_down"]
     if direction == "ct2histo":
-        x, gen, dst = _to_net(as_array(image, "image", ndim=2, dtype=np.float32), cfg, "a"), model.g_ab, "b"
+        img = as_array(image, "image", ndim=2, dtype=np.float32)
+        _check_slice_size(img.shape[:2], cfg, "image")
+        x, gen, dst = _to_net(img, cfg, "a"), model.g_ab, "b"
     else:
         img = _as_image(image, "image")
         if (img.ndim == 3) != (cfg["channels"] == 3):
             raise ValueError(f"image: the model expects {'RGB' if cfg['channels'] == 3 else 'grey'} images")
+        _check_slice_size(img.shape[:2], cfg, "image")
         x, gen, dst = _to_net(img, cfg, "b"), model.g_ba, "a"
     old = torch.get_num_threads()
     if num_threads is not None:
@@ -1974,7 +1990,9 @@ def predict_volume(volume, model="pretrained", axis="z", *, batch_size=8, out=No
     Parameters
     ----------
     volume : array-like (z, y, x)
-        CT volume.
+        CT volume: numeric and finite (NaN or inf raise ``ValueError``, checked batch by
+        batch), with slices of at least ``2**n_down + 1`` pixels a side (5 for the shipped
+        model).
     model : CycleGAN, path or "pretrained"
         The translation model.
     axis : {"z", "y", "x"}
@@ -1982,8 +2000,8 @@ def predict_volume(volume, model="pretrained", axis="z", *, batch_size=8, out=No
     batch_size : int
         Slices per forward pass.
     out : array-like, optional
-        Output of shape ``(z, y, x, 3)`` (RGB model) or ``(z, y, x)`` (grey);
-        written slice batch by slice batch.
+        Output of shape ``(z, y, x, 3)`` (RGB model) or ``(z, y, x)`` (grey) with a
+        floating-point dtype (else ``ValueError``); written slice batch by slice batch.
     intensity_range : "model", "volume" or (float, float)
         CT values mapped to the network's input range: those of the training
         data (``"model"``, right when the volume comes from the same scanner
@@ -2036,10 +2054,16 @@ def predict_volume(volume, model="pretrained", axis="z", *, batch_size=8, out=No
     oshape = shape + (3,) if C == 3 else shape
     if out is None:
         out = np.empty(oshape, np.float32)
-    elif tuple(out.shape) != oshape:
-        raise ValueError(f"out: expected shape {oshape}, got {tuple(out.shape)}")
+    else:
+        if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+            raise TypeError(f"out: expected an array of shape {oshape}, got {type(out).__name__}")
+        if tuple(out.shape) != oshape:
+            raise ValueError(f"out: expected shape {oshape}, got {tuple(out.shape)}")
+        if np.dtype(out.dtype).kind != "f":
+            raise ValueError(f"out: expected a floating-point array (colours in [0, 1]), got dtype {out.dtype}")
     ax = _AXES.index(axis)
     n = shape[ax]
+    _check_slice_size(tuple(s for i, s in enumerate(shape) if i != ax), cfg, "volume")
     mult = 2 ** cfg["n_down"]
     old = torch.get_num_threads()
     if num_threads is not None:
@@ -2049,7 +2073,14 @@ def predict_volume(volume, model="pretrained", axis="z", *, batch_size=8, out=No
             i1 = min(n, i0 + batch_size)
             sl = [slice(None)] * 3
             sl[ax] = slice(i0, i1)
-            block = np.asarray(volume[tuple(sl)], np.float32)
+            block = np.asarray(volume[tuple(sl)])
+            if block.dtype.kind not in "biuf":
+                raise TypeError(f"volume: expected a numeric array, got dtype {block.dtype}")
+            block = block.astype(np.float32, copy=False)
+            if not np.isfinite(block).all():
+                n_bad = int(block.size - np.count_nonzero(np.isfinite(block)))
+                raise ValueError(f"volume: contains {n_bad} NaN or infinite value(s) in slices {i0}-{i1 - 1} "
+                                 f"along {axis}")
             block = np.moveaxis(block, ax, 0)                                  # (b, h, w)
             x = np.stack([_to_net(s, cfg, "a") for s in block])
             y = _run_generator(model.g_ab, x, dev, mult)
@@ -2063,8 +2094,12 @@ def predict_volume(volume, model="pretrained", axis="z", *, batch_size=8, out=No
 
 
 # --------------------------------------------------------------------------- weights I/O
-def save_model(model, path, **meta):
+def save_model(model, path, *, overwrite=False, **meta):
     """Save a trained cycleGAN's generators (float16, ~1 MB) with its config to ``path``.
+
+    An existing file is refused (``FileExistsError`` naming ``path``) unless
+    ``overwrite=True``; ``meta`` is stored as provenance
+    (see :func:`tomoml_nb.weights.save_state`).
 
     Examples
     --------
@@ -2086,7 +2121,7 @@ def save_model(model, path, **meta):
     hist = getattr(model, "tomoml_history", None) or {}
     short = {k: hist[k] for k in ("val", "steps", "seconds") if k in hist}
     return weights.save_state(path, format=_FORMAT, config=model.tomoml_config, state_dict=sd, history=short,
-                              meta=meta)
+                              meta=meta, overwrite=overwrite)
 
 
 def load_model(path, device="cpu"):

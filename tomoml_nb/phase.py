@@ -22,7 +22,9 @@ view; ``"reflect"``; ``"constant"``: free space, ``psi = 1``; or ``None``: perio
 ``pad_factor`` times its size (default 2) and crops back after propagating.
 
 Units are explicit in every signature: ``energy_kev`` (1-500 keV), ``distance_m``
-(metres, 0 < z <= 100 m), ``pixel_size_m`` (metres, 1 nm to 1 mm).
+(metres, 1 um to 10 m), ``pixel_size_m`` (metres, 1 nm to 1 mm); values outside these
+ranges (a unit mix-up) raise ``ValueError``. Retrieval expects flat-field-normalised
+intensity: an image whose median lies outside 0.05-20 (raw counts, all zero) raises.
 
 Examples
 --------
@@ -121,9 +123,19 @@ def _check_energy(energy_kev, name="energy_kev"):
 
 def _check_distance(distance_m, name="distance_m"):
     check_positive(distance_m, name)
-    if distance_m > 100.0:
-        raise ValueError(f"{name}: {distance_m!r} m is implausibly far (> 100 m); give metres, e.g. 0.05 for 5 cm")
+    if not 1e-6 <= distance_m <= 10.0:
+        raise ValueError(f"{name}: {distance_m!r} m is outside the plausible range 1 um - 10 m; give metres, "
+                         f"e.g. 0.05 for 5 cm")
     return float(distance_m)
+
+
+def _check_flat_fielded(img, name="intensity"):
+    """Reject an image that is not divided by the open beam (median far from 1, or all zero)."""
+    med = float(np.median(img))
+    if not 0.05 <= med <= 20.0:
+        raise ValueError(f"{name}: median {med:.4g} is far from 1; expected a flat-field-normalised image "
+                         f"(projection / open beam, about 1 where there is no sample), e.g. from "
+                         f"tomo.normalize(projections, flats, darks)")
 
 
 def _check_pixel(pixel_size_m, name="pixel_size_m"):
@@ -225,7 +237,7 @@ def fresnel_propagate(wavefield, energy_kev, distance_m, pixel_size_m, pad="edge
     energy_kev : float
         Photon energy in keV (1-500).
     distance_m : float
-        Propagation (sample-to-detector) distance in metres (0 < z <= 100).
+        Propagation (sample-to-detector) distance in metres (1 um - 10 m).
     pixel_size_m : float
         Pixel size in metres (1 nm - 1 mm).
     pad : {"edge", "reflect", "constant", None}
@@ -455,9 +467,9 @@ def paganin(intensity, energy_kev, distance_m, pixel_size_m, delta_beta, pad="ed
     Parameters
     ----------
     intensity : array_like, shape (y, x)
-        Flat-field-normalised intensity.
+        Flat-field-normalised intensity (median within 0.05-20, else ``ValueError``).
     energy_kev, distance_m, pixel_size_m : float
-        keV, metres, metres.
+        keV (1-500), metres (1 um - 10 m), metres (1 nm - 1 mm).
     delta_beta : float
         ``delta / beta`` of the assumed material (> 0).
     pad, pad_factor
@@ -475,6 +487,7 @@ def paganin(intensity, energy_kev, distance_m, pixel_size_m, delta_beta, pad="ed
     0.0
     """
     img = as_array(intensity, "intensity", ndim=2).astype(np.float64)
+    _check_flat_fielded(img)
     lam = wavelength_m(energy_kev)
     distance_m = _check_distance(distance_m)
     pixel_size_m = _check_pixel(pixel_size_m)
@@ -592,9 +605,11 @@ def retrieve(intensity, energy_kev, distance_m, pixel_size_m, method="paganin", 
     Parameters
     ----------
     intensity : array_like, shape (y, x)
-        Measured intensity divided by the open beam (1 in air).
+        Measured intensity divided by the open beam (1 in air); an image whose median is
+        outside 0.05-20 (raw counts, an all-zero image) raises ``ValueError``.
     energy_kev, distance_m, pixel_size_m : float
-        Photon energy (keV), sample-to-detector distance (m), pixel size (m).
+        Photon energy (keV, 1-500), sample-to-detector distance (m, 1 um - 10 m), pixel
+        size (m, 1 nm - 1 mm); values outside these ranges raise ``ValueError``.
     method : {"paganin", "physics"}
         ``"paganin"``: the single-material filter (:func:`paganin`), needs ``delta_beta``.
         ``"physics"``: self-supervised, physics-informed retrieval. A small mixed-scale
@@ -661,6 +676,7 @@ def retrieve(intensity, energy_kev, distance_m, pixel_size_m, method="paganin", 
         raise ValueError(f"intensity: needs at least 16 x 16 pixels, got {img.shape}")
     if (img < 0).any():
         raise ValueError("intensity: must be >= 0 (flat-field-normalised counts)")
+    _check_flat_fielded(img)
     energy_kev = _check_energy(energy_kev)
     distance_m = _check_distance(distance_m)
     pixel_size_m = _check_pixel(pixel_size_m)

@@ -1157,8 +1157,12 @@ def train_unet(images, labels, n_classes=None, *, model=None, axes=("z", "y", "x
 
 
 # --------------------------------------------------------------------------- weights I/O
-def save_model(model, path, **meta):
+def save_model(model, path, *, overwrite=False, **meta):
     """Save a trained U-Net (state dict + config + short history) to ``path`` (``.pt``).
+
+    An existing file is refused (``FileExistsError`` naming ``path``) unless
+    ``overwrite=True``; ``meta`` is stored as provenance
+    (see :func:`tomoml_nb.weights.save_state`).
 
     Examples
     --------
@@ -1175,7 +1179,7 @@ def save_model(model, path, **meta):
     hist = getattr(model, "tomoml_history", None) or {}
     short = {k: hist[k] for k in ("val", "val_iou_per_class", "steps", "seconds", "class_weights") if k in hist}
     return weights.save_state(path, format=_FORMAT, config=model.tomoml_config, state_dict=model.state_dict(),
-                              history=short, meta=meta)
+                              history=short, meta=meta, overwrite=overwrite)
 
 
 def load_model(path, device="cpu"):

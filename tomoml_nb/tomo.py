@@ -3,7 +3,8 @@ ring removal and reconstruction.
 
 Geometry and conventions
 ------------------------
-Parallel beam, angles in **radians**. Axis orders:
+Parallel beam, angles in **radians** (angles spanning more than ``2.5 pi``, which is what
+degrees look like, raise ``ValueError``). Axis orders:
 
 * projections ``(n_angles, n_rows, n_cols)``;
 * a sinogram ``(n_angles, n_det)``, a sinogram stack ``(n_rows, n_angles, n_det)``;
@@ -15,7 +16,8 @@ pixel ``d`` is the line ``X cos(theta) - Y sin(theta) = d - center``, so at ``th
 a projection is the sum over image rows (``image.sum(axis=0)``), the same orientation as
 :func:`skimage.transform.radon`. ``center`` is the detector position (0-based, pixel
 centres at integer positions) onto which the rotation axis projects; ``center=None`` means
-the middle of the detector, ``(n_det - 1) / 2``. A sinogram whose axis sits at ``center``
+the middle of the detector, ``(n_det - 1) / 2``; a centre outside the detector
+(``-0.5 .. n_det - 0.5``) raises ``ValueError``. A sinogram whose axis sits at ``center``
 reconstructs with the axis in the middle of the output image.
 
 Values: sinograms are line integrals in units of pixels, reconstructions are attenuation
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -119,10 +122,20 @@ def _progress(iterable, total, enabled, desc):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
+#: Largest span (max - min) accepted for angles in radians: a full turn plus a margin for
+#: overscans (450 degrees). Angles in degrees span more than this for any scan wider than
+#: 8 degrees. The same limit as ``data.read_data_exchange``.
+MAX_ANGLE_SPAN = 2.5 * np.pi
+
+
 def _check_angles(angles, n_angles=None, name="angles"):
     ang = as_array(angles, name, ndim=1).astype(np.float64)
     if n_angles is not None and ang.size != n_angles:
         raise ValueError(f"{name}: has {ang.size} values but the data has {n_angles} angles")
+    span = float(np.ptp(ang))
+    if span > MAX_ANGLE_SPAN:
+        raise ValueError(f"{name}: span {span:.4g}, more than a full turn (2*pi) plus a margin; radians are "
+                         f"expected and this looks like degrees: use np.deg2rad({name})")
     return ang
 
 
@@ -137,6 +150,9 @@ def _check_center(center, n_det, name="center"):
             raise TypeError(f"{name}: expected a number (detector pixels), got {type(center).__name__}")
     if not np.isfinite(center):
         raise ValueError(f"{name}: must be finite, got {center!r}")
+    if not -0.5 <= center <= n_det - 0.5:
+        raise ValueError(f"{name}: {center!r} is outside the detector; expected a position in detector pixels "
+                         f"between 0 and {n_det - 1} (0-based, pixel centres at integers)")
     return float(center)
 
 
@@ -419,10 +435,10 @@ def forward_project(image_or_volume, angles, center=None, n_det=None, device="au
         Attenuation per pixel; a volume is ordered (z, y, x) and each z slice is one
         detector row.
     angles : array_like, shape (n_angles,)
-        Projection angles in radians.
+        Projection angles in radians (a span above ``2.5 pi`` -- degrees -- raises).
     center : float, optional
         Detector position (0-based pixels) onto which the rotation axis (the middle of the
-        image) projects. Default: the detector middle, ``(n_det - 1) / 2``.
+        image) projects, within the detector. Default: the detector middle, ``(n_det - 1) / 2``.
     n_det : int, optional
         Detector width in pixels. Default ``N``.
     device : str
@@ -717,10 +733,11 @@ def reconstruct(sinograms, angles, center=None, method="fbp", filter="ramp", n_i
         Line integrals (``minus_log`` of normalised projections, or ``forward_project``).
     angles : array_like, shape (n_angles,)
         Angles in radians, any order and spacing (180 or 360 degree, golden-angle...):
-        FBP weights each angle by the angular interval it covers.
+        FBP weights each angle by the angular interval it covers. A span above ``2.5 pi``
+        (angles in degrees) raises ``ValueError``.
     center : float, optional
-        Detector position (0-based pixels, pixel centres at integers) of the rotation axis.
-        ``None``: the detector middle ``(n_det - 1) / 2``. The axis is put in the middle of
+        Detector position (0-based pixels, pixel centres at integers) of the rotation axis,
+        within the detector. ``None``: the detector middle ``(n_det - 1) / 2``. The axis is put in the middle of
         the output: the value at image offset ``(X, Y)`` from the middle is taken at
         detector position ``center + X cos(theta) - Y sin(theta)``, i.e. the sinogram is
         shifted left by ``center - (n_det - 1) / 2`` (sub-pixel; linear interpolation for
@@ -809,7 +826,8 @@ def simulate_acquisition(obj, angles=None, n_angles=180, flux=1e4, n_flats=10, n
         Linear attenuation coefficients (per unit length; one pixel is ``pixel_size`` long).
         A volume is (z, y, x); each z slice becomes one detector row.
     angles : array_like, optional
-        Angles in radians. Default ``n_angles`` angles evenly over [0, pi).
+        Angles in radians (a span above ``2.5 pi`` raises). Default ``n_angles`` angles
+        evenly over [0, pi).
     n_angles : int
         Number of angles when ``angles`` is not given.
     flux : float
@@ -905,6 +923,17 @@ def normalize(projections, flats, darks=None, eps=1e-6, average="mean"):
     ndarray, float32
         Transmission, same shape as ``projections``.
 
+    Raises
+    ------
+    ValueError
+        More than half of the detector pixels have a flat not above the dark (flats and
+        darks swapped, or not open-beam frames).
+
+    Warns
+    -----
+    UserWarning
+        More than 1 % of the detector pixels are dead (flat not above the dark).
+
     Examples
     --------
     >>> import numpy as np
@@ -920,6 +949,15 @@ def normalize(projections, flats, darks=None, eps=1e-6, average="mean"):
     dark = np.zeros(det, np.float32) if darks is None else _frames(darks, "darks", det, average)
     den = flat - dark
     good = den > 0
+    n_dead, n_pix = int(good.size - np.count_nonzero(good)), good.size
+    if n_dead:
+        what = "above the darks" if darks is not None else "positive (no darks given)"
+        msg = (f"flats: not {what} in {n_dead} of {n_pix} detector pixels ({100.0 * n_dead / n_pix:.1f} %)")
+        if n_dead > 0.5 * n_pix:
+            raise ValueError(msg + ("; are flats and darks swapped?" if darks is not None else
+                                    "; expected open-beam frames"))
+        if n_dead > 0.01 * n_pix:
+            warnings.warn(msg + "; these pixels are set to transmission 1", UserWarning, stacklevel=2)
     out = (proj - dark) / np.where(good, den, 1.0)
     out = np.where(good, out, 1.0)
     return np.clip(out, eps, None).astype(np.float32, copy=False)
@@ -1136,9 +1174,10 @@ def find_center(sinogram, angles, init=None, search_range=None, method="auto", m
     Parameters
     ----------
     sinogram : array_like, shape (n_angles, n_det)
-        Line integrals (``minus_log`` output) of one detector row.
+        Line integrals (``minus_log`` output) of one detector row; a constant sinogram
+        (no sample in the beam) raises ``ValueError``.
     angles : array_like, shape (n_angles,)
-        Angles in radians.
+        Angles in radians (a span above ``2.5 pi`` raises).
     init : float, optional
         ``"metric"``: starting guess in detector pixels; default the centre-of-mass estimate.
     search_range : float, optional
@@ -1190,6 +1229,9 @@ def find_center(sinogram, angles, init=None, search_range=None, method="auto", m
     if init is not None:
         init = _check_center(init, D, "init")
     dev = _device(device)
+    if np.ptp(sino) == 0:
+        raise ValueError(f"sinogram: all values are equal ({float(sino.flat[0])!r}); there is no sample to find "
+                         "the rotation centre from")
 
     pairs = _opposite_pairs(ang) if method in ("auto", "opposite") else []
     if method == "opposite" and not pairs:

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["resolve_device", "seed_everything", "fit", "save_checkpoint", "load_checkpoint", "limit_cpu_threads"]
+__all__ = ["resolve_device", "seed_everything", "fit", "save_checkpoint", "load_checkpoint", "check_checkpoint_path",
+           "limit_cpu_threads"]
 
 
 def resolve_device(device="auto"):
@@ -117,13 +118,26 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
-def save_checkpoint(path, model, optimizer=None, step: int = 0, history: dict | None = None, **extra) -> Path:
-    """Save model (and optimizer) state atomically: a crash never leaves a half-written file."""
+#: Tag stored in every checkpoint written by :func:`save_checkpoint`.
+CHECKPOINT_FORMAT = "tomoml_nb.train.checkpoint/1"
+
+
+def save_checkpoint(path, model, optimizer=None, step: int = 0, history: dict | None = None, *,
+                    overwrite: bool = False, **extra) -> Path:
+    """Save model (and optimizer) state atomically: a crash never leaves a half-written file.
+
+    An existing file at ``path`` is refused (``FileExistsError``) unless ``overwrite=True``
+    (:func:`fit` checks the path once before training, then overwrites its own checkpoint).
+    """
     import torch
 
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"checkpoint: {path} already exists and is not overwritten; choose another path "
+                              "or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "step": step, "history": history or {}, **extra}
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": step, "history": history or {},
+             **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     tmp = path.with_name(path.name + ".partial")
@@ -133,7 +147,16 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, history: dict | 
 
 
 def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model``/``optimizer``."""
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model``/``optimizer``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is not a readable training checkpoint, or it holds another network
+        (another architecture or size) than ``model``.
+    """
     import torch
 
     path = Path(path)
@@ -143,11 +166,60 @@ def load_checkpoint(path, model=None, optimizer=None, map_location="cpu") -> dic
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
         raise ValueError(f"checkpoint: {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not _is_checkpoint(state):
+        what = f"format {state.get('format')!r}" if isinstance(state, dict) and "format" in state \
+            else type(state).__name__
+        raise ValueError(f"checkpoint: {path} is not a training checkpoint written by tomoml_nb (it holds {what})")
     if model is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if not ln.endswith(":")), lines[0] if lines else type(exc).__name__)
+            raise ValueError(f"checkpoint: {path} was saved from a different network than this one (another "
+                             f"architecture or size: {first[:200]}); resume only with the same settings, or "
+                             "choose another path") from exc
     if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint: {path} holds an optimizer state that does not match this network "
+                             f"({exc}); resume only with the same settings, or choose another path") from exc
     return state
+
+
+def _is_checkpoint(state) -> bool:
+    """A dict written by :func:`save_checkpoint` (tagged, or from before the tag: model + step)."""
+    if not isinstance(state, dict):
+        return False
+    if state.get("format") == CHECKPOINT_FORMAT:
+        return True
+    return "format" not in state and isinstance(state.get("model"), dict) and "step" in state
+
+
+def check_checkpoint_path(checkpoint, resume=False):
+    """Check a ``checkpoint`` path before training; return it as a Path (or None).
+
+    Nothing a user owns is overwritten: an existing file is refused unless ``resume`` is
+    True, and then it must be a readable tomoml_nb checkpoint (checked when it is loaded by
+    :func:`load_checkpoint`, before any training step). A folder is refused.
+
+    Examples
+    --------
+    >>> check_checkpoint_path(None) is None
+    True
+    """
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a file path, got {type(checkpoint).__name__}")
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise ValueError(f"checkpoint: {path} is a folder; give a file path such as {path / 'training.ckpt'}")
+    if path.exists() and not resume:
+        raise FileExistsError(f"checkpoint: {path} already exists and is not overwritten; pass resume=True to "
+                              "continue from it, or choose another path")
+    return path
 
 
 def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: float = 1e-3,
@@ -175,6 +247,10 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     checkpoint : path, optional
         Where to save ``{model, optimizer, step, history}`` every ``checkpoint_every`` steps
         and at the end. With ``resume=True`` training continues from it when it exists.
+        An existing file is never overwritten without ``resume=True``
+        (``FileExistsError``), and with it only when it is a tomoml_nb checkpoint of the
+        same network (else ``ValueError`` naming ``checkpoint``); see
+        :func:`check_checkpoint_path`.
     device : str
         ``"auto"`` picks CUDA when available.
     time_limit : float, optional
@@ -192,6 +268,7 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
 
     check_positive(steps, "steps", integer=True)
     check_positive(lr, "lr")
+    checkpoint = check_checkpoint_path(checkpoint, resume)
     dev = resolve_device(device)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -201,7 +278,7 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
         if scheduler == "cosine" else None
     history = {"loss": [], "val": []}
     start_step = 0
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
+    if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, model, opt, map_location=dev)
         start_step = int(state.get("step", 0))
         history = state.get("history") or history
@@ -252,7 +329,7 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
         if validate is not None and (step + 1) % val_every == 0:
             run_validation(step + 1)
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(checkpoint, model, opt, step + 1, history)
+            save_checkpoint(checkpoint, model, opt, step + 1, history, overwrite=True)
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             step += 1
             break
@@ -262,7 +339,7 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     if validate is not None and (not history["val"] or history["val"][-1][0] != step):
         run_validation(step)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, opt, step, history)
+        save_checkpoint(checkpoint, model, opt, step, history, overwrite=True)
     model.eval()
     history["steps"] = step
     history["seconds"] = time.perf_counter() - t0

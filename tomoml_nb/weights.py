@@ -25,7 +25,7 @@ __all__ = ["WEIGHTS_DIR", "save_state", "load_state", "restore", "shipped_path",
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def save_state(path, *, format, config, state_dict, history=None, meta=None):
+def save_state(path, *, format, config, state_dict, history=None, meta=None, overwrite=False):
     """Write a weights file atomically (a ``.partial`` file renamed at the end).
 
     Parameters
@@ -40,10 +40,20 @@ def save_state(path, *, format, config, state_dict, history=None, meta=None):
         The network's ``state_dict()``; tensors are detached and moved to the CPU.
     history, meta : dict, optional
         Short training summary and provenance.
+    overwrite : bool
+        Replace an existing file at ``path``. By default an existing file is never
+        overwritten (it may be the user's own file or weights they want to keep).
 
     Returns
     -------
     Path
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False.
+    IsADirectoryError
+        ``path`` is a folder.
 
     Examples
     --------
@@ -61,6 +71,11 @@ def save_state(path, *, format, config, state_dict, history=None, meta=None):
     if not isinstance(config, dict):
         raise TypeError(f"config: expected a dict, got {type(config).__name__}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {path} is a folder; give a file name such as {path / 'model.pt'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"path: {path} already exists and is not overwritten; choose another path or "
+                              "pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": format, "config": dict(config),
              "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
