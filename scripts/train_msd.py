@@ -24,6 +24,14 @@ A deeper network trained longer on a GPU (the published MSD networks have 100+ l
 
     python scripts/train_msd.py --which supervised --depth 100 --steps 6000 --batch 16 \
         --extra-train 12 --device cuda --budget-s 400 --name msd_deep_bone_implant
+
+A 2.5D network that also reads one slice above and one below, started from the 100-layer
+single-slice weights (the new input channels start with zero weights, so training starts at
+the 2D network's quality)::
+
+    python scripts/train_msd.py --which supervised --depth 100 --context 1 \
+        --widen-from msd_deep_bone_implant --steps 500 --batch 16 --lr 5e-4 --extra-train 12 \
+        --name msd_deep25d_bone_implant
 """
 from __future__ import annotations
 
@@ -68,6 +76,11 @@ def main(argv=None):
                     help="file stem of the supervised model (msd_deep_bone_implant for the 100-layer GPU model)")
     ap.add_argument("--init", action="store_true",
                     help="continue from the weights already in --out (a warm restart of the cosine schedule)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="neighbouring slices on each side given to the supervised network (2.5D); 0 = 2D")
+    ap.add_argument("--widen-from", default=None,
+                    help="start the supervised network from this single-slice model (a shipped name or a .pt "
+                         "file) widened to --context (denoise.with_context)")
     ap.add_argument("--lr", type=float, default=2e-3,
                     help="peak learning rate of the cosine schedule (supervised model); lower it to continue "
                          "trained weights without undoing them")
@@ -85,20 +98,24 @@ def main(argv=None):
     base = dn.evaluate(val["reconstruction"], val["truth"], mask=mask)
 
     if args.which in ("supervised", "both"):
-        X = np.concatenate([d["reconstruction"] for d in train])
-        Y = np.concatenate([d["truth"] for d in train])
+        X = [d["reconstruction"] for d in train]          # one volume per scan: neighbours stay in their scan
+        Y = [d["truth"] for d in train]
         t = time.perf_counter()
         init = dn.Denoiser.load(out_dir / f"{args.name}.pt") if args.init else None
-        model = dn.train_supervised(X, Y, model=init, depth=args.depth, steps=steps, seed=args.seed, lr=args.lr,
-                                    batch=args.batch, patch=args.patch, device=args.device,
-                                    time_limit=args.budget_s, progress=False,
-                                    validation=(val["reconstruction"][::4], val["truth"][::4]))
+        if args.widen_from and not args.init:
+            init = dn.with_context(args.widen_from, args.context)
+        every = 1 if args.context else 4                    # 2.5D validation needs contiguous slices
+        model = dn.train_supervised(X, Y, model=init, context=args.context, depth=args.depth, steps=steps,
+                                    seed=args.seed, lr=args.lr, batch=args.batch, patch=args.patch,
+                                    device=args.device, time_limit=args.budget_s, progress=False,
+                                    validation=(val["reconstruction"][::every], val["truth"][::every]))
         secs = time.perf_counter() - t
         m = dn.evaluate(model(val["reconstruction"], progress=False), val["truth"], mask=mask)
         model.info.update(train_seconds=round(secs, 1), val_psnr=round(m["psnr"], 2), val_ssim=round(m["ssim"], 4))
-        model.save(out_dir / f"{args.name}.pt")
+        model.save(out_dir / f"{args.name}.pt", overwrite=True)
         summary = {"strategy": "supervised", "steps": int(model.history.get("steps", steps)), "batch": args.batch,
-                   "n_train_scans": len(train), "device": str(args.device), "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
+                   "n_train_scans": len(train), "device": str(args.device), "init": args.init, "depth": args.depth,
+                   "context": args.context, "widen_from": args.widen_from, "lr": args.lr, "seconds": round(secs, 1),
                    "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
         (out_dir / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary), flush=True)
@@ -116,7 +133,7 @@ def main(argv=None):
         pred = np.mean([model(subs[1 - j], progress=False) for j in range(2)], axis=0)
         m = dn.evaluate(pred, val["truth"], mask=mask)
         model.info.update(train_seconds=round(secs, 1), val_psnr=round(m["psnr"], 2), val_ssim=round(m["ssim"], 4))
-        model.save(out_dir / "msd_n2i_bone_implant.pt")
+        model.save(out_dir / "msd_n2i_bone_implant.pt", overwrite=True)
         summary = {"strategy": "noise2inverse K=2", "steps": steps, "init": args.init, "depth": args.depth, "seconds": round(secs, 1),
                    "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
         (out_dir / "msd_n2i_bone_implant.json").write_text(json.dumps(summary, indent=1))

@@ -129,8 +129,10 @@ def test_supervised_bad_inputs():
         dn.train_supervised(noisy, clean, steps=0)
     with pytest.raises(ValueError, match="noisy"):
         dn.train_supervised(np.zeros((4,)), np.zeros((4,)))
-    with pytest.raises(TypeError, match="model"):
+    with pytest.raises(ValueError, match="^model"):        # neither a shipped name nor a file
         dn.denoise(noisy, "not a model")
+    with pytest.raises(TypeError, match="^model"):
+        dn.denoise(noisy, 3.5)
 
 
 # ------------------------------------------------------------------------------ Noise2Inverse
@@ -237,3 +239,118 @@ def test_shipped_weights_denoise_a_held_out_phantom(name, depth):
 def test_load_pretrained_unknown_name():
     with pytest.raises(ValueError, match="name"):
         dn.load_pretrained("msd_nonexistent")
+
+
+def test_noise2inverse_and_splits_refuse_angles_in_degrees():
+    deg = np.degrees(np.linspace(0, np.pi, 32, endpoint=False))
+    proj = np.random.default_rng(0).random((32, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^angles: .*radians.*deg2rad"):
+        dn.split_reconstructions(proj, deg)
+    with pytest.raises(ValueError, match=r"^angles: .*radians"):
+        dn.noise2inverse(proj, deg, steps=1, depth=2, progress=False)
+
+
+def test_denoiser_save_never_overwrites_and_denoise_takes_names_and_paths(tmp_path):
+    model = dn.Denoiser(MSDNet(depth=3), 0.0, 1.0)
+    mine = tmp_path / "mine.pt"
+    mine.write_text("precious")
+    with pytest.raises(FileExistsError, match="^path"):
+        model.save(mine)
+    assert mine.read_text() == "precious"
+    assert model.save(mine, overwrite=True) == mine
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    ref = dn.denoise(img, model, progress=False)
+    assert np.allclose(dn.denoise(img, str(mine), progress=False), ref, atol=1e-6)
+    assert np.allclose(dn.denoise(img, mine, progress=False), ref, atol=1e-6)
+    shipped = dn.denoise(img, "msd_bone_implant", progress=False)
+    assert np.allclose(shipped, dn.denoise(img, dn.load_pretrained("msd_bone_implant"), progress=False))
+    with pytest.raises(ValueError, match="^model: .*shipped denoiser"):
+        dn.denoise(img, "msd_nope", progress=False)
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a torch file")
+    with pytest.raises(ValueError, match="^model"):
+        dn.denoise(img, bad, progress=False)
+
+
+# ------------------------------------------------------------------------------ 2.5D: neighbouring slices
+def _stack(n_slices=8, size=40, sigma=0.35, seed=0):
+    """A volume whose object does not change along z, with noise independent between slices."""
+    rng = np.random.default_rng(seed)
+    clean2d = np.zeros((size, size), np.float32)
+    r0, c0 = rng.integers(4, size // 2, 2)
+    clean2d[r0:r0 + size // 3, c0:c0 + size // 4] = 1.0
+    clean2d[size // 2:size // 2 + 5, 4:size - 4] = 0.5
+    clean = np.repeat(clean2d[None], n_slices, 0)
+    return clean + sigma * rng.standard_normal(clean.shape).astype(np.float32), clean
+
+
+def test_context_index_mirrors_at_the_ends():
+    idx = dn._context_index(4, 2)
+    assert idx.tolist() == [[0, 1, 1, 2, 2], [1, 0, 2, 1, 3], [2, 1, 3, 0, 2], [3, 2, 2, 1, 1]]
+    assert dn._context_index(3, 0).tolist() == [[0], [1], [2]]
+
+
+def test_network_with_context_uses_the_neighbouring_slices():
+    train = [_stack(seed=s) for s in range(3)]
+    noisy, clean = _stack(seed=10)
+    scores = {}
+    for k in (0, 1):
+        m = dn.train_supervised([t[0] for t in train], [t[1] for t in train], context=k, depth=8, steps=200,
+                                patch=32, batch=4, lr=3e-3, progress=False, seed=0)
+        assert m.context == k and m.info["context"] == k
+        scores[k] = dn.evaluate(m(noisy, progress=False), clean)["psnr"]
+    # three independent noisy copies of each slice: the 2.5D network must beat the 2D one clearly
+    assert scores[1] > scores[0] + 1.0, scores
+
+
+def test_with_context_starts_as_the_single_slice_model_and_roundtrips(tmp_path):
+    from tomoml_nb.models.msd import MSDNet
+
+    torch.manual_seed(0)
+    base = dn.Denoiser(MSDNet(depth=6), 0.2, 1.5)
+    torch.nn.init.normal_(base.net.final.weight, std=0.3)
+    wide = dn.with_context(base, 2)
+    vol = np.random.default_rng(1).normal(size=(6, 72, 72)).astype(np.float32)
+    for tile in (512, 40):                                  # whole slices and the tiled path
+        np.testing.assert_allclose(wide(vol, progress=False, tile=tile), base(vol, progress=False, tile=tile),
+                                   atol=1e-4)
+    p = wide.save(tmp_path / "w.pt")
+    again = dn.Denoiser.load(p)
+    assert again.context == 2
+    np.testing.assert_allclose(again(vol, progress=False), wide(vol, progress=False), atol=1e-6)
+
+
+def test_context_bad_inputs():
+    from tomoml_nb.models.msd import MSDNet
+
+    wide = dn.with_context(dn.Denoiser(MSDNet(depth=3), 0.0, 1.0), 1)
+    noisy, clean = _stack(n_slices=4)
+    with pytest.raises(ValueError, match="volume"):
+        wide(noisy[0], progress=False)                      # one slice has no neighbours
+    with pytest.raises(ValueError, match="context"):
+        dn.train_supervised(noisy, clean, model=wide, context=2, steps=1, progress=False)
+    with pytest.raises(ValueError, match="noisy"):
+        dn.train_supervised(noisy[:1], clean[:1], context=1, depth=3, steps=1, progress=False)
+    with pytest.raises(ValueError, match="model"):
+        dn.with_context(wide, 1)                            # already has context
+    sim = dn.simulate_low_dose(np.ones((1, 32, 32), np.float32), n_angles=40, flux=1000, seed=0)
+    with pytest.raises(ValueError, match="model"):
+        dn.noise2inverse(sim["projections"], sim["angles"], 2, model=wide, steps=1, progress=False)
+
+
+def test_bm4d_filters_the_volume_jointly():
+    noisy, clean = _stack(n_slices=6, size=32, sigma=0.2)
+    if "bm4d" not in dn.classical_methods():
+        with pytest.raises(ImportError, match="bm4d"):
+            dn.classical_filter(noisy, "bm4d", 1.0)
+        return
+    out = dn.classical_filter(noisy, "bm4d", 1.0)
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    # the object is constant along z: joint 3D filtering beats the per-slice BM3D
+    p4 = dn.evaluate(out, clean)["psnr"]
+    p3 = dn.evaluate(dn.classical_filter(noisy, "bm3d", 1.0), clean)["psnr"]
+    assert p4 > p3 > dn.evaluate(noisy, clean)["psnr"]
+    best = dn.tune_classical(noisy, clean, "bm4d", grid=(0.5, 1.0))
+    assert best["strength"] in (0.5, 1.0)
+    with pytest.raises(ValueError, match="volume"):
+        dn.classical_filter(noisy[0], "bm4d", 1.0)

@@ -10,13 +10,19 @@ self-supervised (Noise2Inverse), beside the classical filters.
   prediction is the *noise-free* reconstruction; at inference the predictions for all
   ``K`` splits are averaged;
 * :func:`denoise` -- apply a trained model slice by slice (tiled when large);
+* ``context=k`` (:func:`train_supervised`, :func:`with_context`) -- "2.5D" networks that
+  see the ``k`` slices above and below as extra input channels: the noise of a
+  parallel-beam scan is independent between slices while the object is not, so the
+  neighbours carry information a single slice lacks;
 * :func:`classical_filter`, :func:`tune_classical` -- Gaussian, median, non-local means
-  (scikit-image) and, when the optional ``bm3d`` package is installed, BM3D, each with
-  its strength chosen on validation data;
+  (scikit-image) and, when the optional ``bm3d`` package is installed, BM3D per slice and
+  BM4D on the whole volume (the classical counterpart of a network with context), each
+  with its strength chosen on validation data;
 * :func:`simulate_low_dose` -- a low-dose scan of a known object, reconstructed with FBP,
   for tutorials and benchmarks with ground truth.
 
-Conventions: volumes ``(z, y, x)`` are denoised as independent 2D ``(y, x)`` slices;
+Conventions: volumes ``(z, y, x)`` are denoised as 2D ``(y, x)`` slices (with their
+``k`` neighbours as extra channels for a network with context);
 projections are ``(n_angles, n_rows, n_det)``, a single sinogram ``(n_angles, n_det)``;
 angles in radians.
 
@@ -34,6 +40,7 @@ Examples
 from __future__ import annotations
 
 import numbers
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -45,10 +52,10 @@ from ._validate import as_array, check_choice, check_positive, check_same_shape
 __all__ = [
     "Denoiser", "train_supervised", "noise2inverse", "denoise", "split_reconstructions",
     "classical_filter", "tune_classical", "classical_methods", "CLASSICAL", "DEFAULT_GRIDS",
-    "simulate_low_dose", "load_pretrained", "evaluate",
+    "simulate_low_dose", "load_pretrained", "evaluate", "with_context",
 ]
 
-CLASSICAL = ("gaussian", "median", "nlm", "bm3d")
+CLASSICAL = ("gaussian", "median", "nlm", "bm3d", "bm4d")
 
 # strength grids searched by tune_classical (in units of the data's noise where relevant)
 DEFAULT_GRIDS = {
@@ -56,6 +63,7 @@ DEFAULT_GRIDS = {
     "median": (3, 5, 7, 9),                                              # window size, pixels
     "nlm": (0.4, 0.6, 0.8, 1.0, 1.3, 1.7),                               # h / estimated noise sigma
     "bm3d": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0),                             # sigma_psd / estimated sigma
+    "bm4d": (1.0, 1.5, 2.0, 2.5, 3.0),                                   # sigma_psd / estimated sigma
 }
 _FORMAT = "tomoml_nb.denoise.msd/1"
 
@@ -75,6 +83,40 @@ def _check_int(value, name, low):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def _context_index(n_slices, context):
+    """(n_slices, 2 context + 1) slice indices: each slice first, then its neighbours -1, +1, -2, +2...
+
+    Mirrored at the ends of the stack (slice -1 reads slice 1), as the networks' convolutions do
+    at image borders.
+    """
+    z = np.arange(n_slices)[:, None] + np.array([0] + [d for j in range(1, context + 1) for d in (-j, j)])
+    z = np.where(z < 0, -z, z)
+    z = np.where(z >= n_slices, 2 * (n_slices - 1) - z, z)
+    return np.clip(z, 0, n_slices - 1)
+
+
+def _stack_context(vol, context):
+    """(z, y, x) -> (z, 2 context + 1, y, x): each slice with its neighbours as channels."""
+    return vol[_context_index(len(vol), context)] if context else vol[:, None]
+
+
+def _volume_list(x, name, context):
+    """Training data as a list of float32 (z, y, x) volumes: one array (a volume, or slices when
+    ``context == 0``) or a list/tuple of them."""
+    items = list(x) if isinstance(x, (list, tuple)) else [x]
+    if not items:
+        raise ValueError(f"{name}: empty")
+    vols = []
+    for i, v in enumerate(items):
+        label = name if len(items) == 1 and not isinstance(x, (list, tuple)) else f"{name}[{i}]"
+        arr, was_2d = _as_slices(v, label)
+        if context and (was_2d or len(arr) <= context):
+            raise ValueError(f"{label}: context={context} needs volumes (z, y, x) of more than {context} "
+                             f"contiguous slices, got shape {np.shape(v)}")
+        vols.append(arr)
+    return vols
 
 
 @dataclass
@@ -109,17 +151,26 @@ class Denoiser:
     history: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    @property
+    def context(self) -> int:
+        """Neighbouring slices the network sees on each side (0: a single-slice network)."""
+        return _net_context(self.net)
+
     def __call__(self, volume, **kwargs):
         return denoise(volume, self, **kwargs)
 
-    def save(self, path):
-        """Save weights, architecture and normalisation to ``path`` (a ``.pt`` file)."""
+    def save(self, path, *, overwrite=False):
+        """Save weights, architecture and normalisation to ``path`` (a ``.pt`` file).
+
+        An existing file is refused (``FileExistsError`` naming ``path``) unless
+        ``overwrite=True``; see :func:`tomoml_nb.weights.save_state`.
+        """
         from . import weights
 
         info = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool, list, tuple))}
         return weights.save_state(path, format=_FORMAT, state_dict=self.net.state_dict(),
                                   config={"net": dict(self.net.config), "offset": float(self.offset),
-                                          "scale": float(self.scale)}, meta=info)
+                                          "scale": float(self.scale)}, meta=info, overwrite=overwrite)
 
     @classmethod
     def load(cls, path):
@@ -171,17 +222,93 @@ def load_pretrained(name="msd_bone_implant"):
     return Denoiser.load(path)
 
 
+def _resolve_model(model):
+    """A :class:`Denoiser` from a shipped name (``"msd_bone_implant"``) or a saved file's path."""
+    from pathlib import Path
+
+    from .weights import WEIGHTS_DIR
+
+    path = Path(model)
+    if path.is_file():
+        try:
+            return Denoiser.load(path)
+        except ValueError as exc:
+            raise ValueError(f"model: {exc}") from exc
+    shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("msd_*.pt"))
+    if isinstance(model, str) and model in shipped:
+        return load_pretrained(model)
+    raise ValueError(f"model: {str(model)!r} is neither an existing file nor a shipped denoiser "
+                     f"({', '.join(shipped)})")
+
+
+def _net_context(net):
+    """Slices on each side a network takes as extra channels: (in_channels - 1) / 2."""
+    c = int(getattr(net, "config", {}).get("in_channels", 1))
+    if c % 2 != 1:
+        raise ValueError(f"model: a denoising network needs an odd number of input channels (the slice and "
+                         f"its neighbours on both sides), this one takes {c}")
+    return (c - 1) // 2
+
+
+def with_context(model, context):
+    """A copy of a single-slice denoiser that also takes ``context`` neighbours on each side.
+
+    The neighbours enter as extra input channels with zero weights, so the returned model
+    denoises exactly like ``model`` until it is trained further (``train_supervised(...,
+    model=with_context(m, 1))``): a 2D network is a good start for a 2.5D one.
+
+    Parameters
+    ----------
+    model : Denoiser or str
+        A single-slice model, or the name of a shipped one (:func:`load_pretrained`).
+    context : int >= 1
+
+    Returns
+    -------
+    Denoiser
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tomoml_nb.models.msd import MSDNet
+    >>> m = Denoiser(MSDNet(depth=4), 0.0, 1.0)
+    >>> m2 = with_context(m, 1)
+    >>> m2.context, m2.net.config["in_channels"]
+    (1, 3)
+    >>> vol = np.random.default_rng(0).normal(size=(5, 32, 32)).astype(np.float32)
+    >>> bool(np.allclose(m2(vol, progress=False), m(vol, progress=False), atol=1e-5))
+    True
+    """
+    import copy
+
+    from .models.msd import widen_input
+
+    if isinstance(model, (str, os.PathLike)):
+        model = _resolve_model(model)
+    if not isinstance(model, Denoiser):
+        raise TypeError(f"model: expected a Denoiser, got {type(model).__name__}")
+    context = _check_int(context, "context", 1)
+    if model.context:
+        raise ValueError(f"model: already takes {model.context} neighbouring slice(s) on each side")
+    net = widen_input(model.net, 2 * context + 1)
+    info = dict(copy.deepcopy(model.info), context=context, widened_from=int(model.net.config["in_channels"]))
+    return Denoiser(net, model.offset, model.scale, {}, info)
+
+
 # =============================================================================== training
-def _make_net(depth, width, max_dilation, model):
+def _make_net(depth, width, max_dilation, model, in_channels=1):
     from .models.msd import MSDNet
 
     if model is not None:
-        if isinstance(model, Denoiser):
-            return model.net
-        if not hasattr(model, "config"):
+        net = model.net if isinstance(model, Denoiser) else model
+        if not hasattr(net, "config"):
             raise TypeError("model: expected an MSDNet or a Denoiser to start from")
-        return model
-    return MSDNet(1, 1, depth=_check_int(depth, "depth", 1), width=_check_int(width, "width", 1),
+        if int(net.config.get("in_channels", 1)) != in_channels:
+            raise ValueError(f"context: the model takes {net.config.get('in_channels', 1)} input channel(s) "
+                             f"(context={(int(net.config.get('in_channels', 1)) - 1) // 2}), the data "
+                             f"{in_channels} (context={(in_channels - 1) // 2}); see with_context()")
+        return net
+    return MSDNet(in_channels, 1, depth=_check_int(depth, "depth", 1), width=_check_int(width, "width", 1),
                   max_dilation=_check_int(max_dilation, "max_dilation", 1))
 
 
@@ -199,17 +326,18 @@ def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation
                val, device, seed, progress, time_limit, desc, strategy):
     """Train an MSD net on patches of (input, target) slice pairs.
 
-    ``inputs``/``targets`` are float32 (n, y, x) (already normalised); ``pair_index`` maps
-    sample i to (input slice, target slice) -- used by Noise2Inverse, where one input slice
-    pairs with one target slice of the same split.
+    ``inputs`` are float32 (n, y, x) or, for a network with context, (n, c, y, x);
+    ``targets`` (n, y, x) (both already normalised); ``pair_index`` maps sample i to (input
+    slice, target slice) -- used by Noise2Inverse, where one input slice pairs with one
+    target slice of the same split.
     """
     import torch
 
     from .train import fit, seed_everything
 
     seed_everything(seed)  # the network's initial weights depend on the seed too
-    net = _make_net(depth, width, max_dilation, model)
-    n, H, W = inputs.shape
+    net = _make_net(depth, width, max_dilation, model, 1 if inputs.ndim == 3 else inputs.shape[1])
+    H, W = inputs.shape[-2:]
     p = min(patch, H, W)
     if p <= max(getattr(net, "dilations", [1])):
         raise ValueError(f"patch: {patch} (clipped to the slice size {min(H, W)}) must exceed the largest "
@@ -221,12 +349,13 @@ def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation
             i = int(rng.integers(len(pair_index)))
             a, b = pair_index[i]
             r0, c0 = int(rng.integers(H - p + 1)), int(rng.integers(W - p + 1))
-            x = inputs[a, r0:r0 + p, c0:c0 + p]
+            x = inputs[a, ..., r0:r0 + p, c0:c0 + p]
             y = targets[b, r0:r0 + p, c0:c0 + p]
             x, y = _augment(x, y, rng)
             xs.append(np.ascontiguousarray(x))
             ys.append(np.ascontiguousarray(y))
-        return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+        xs = np.stack(xs)
+        return torch.from_numpy(xs[:, None] if xs.ndim == 3 else xs), torch.from_numpy(np.stack(ys)[:, None])
 
     def loss_fn(m, b):
         return torch.nn.functional.mse_loss(m(b[0]), b[1])
@@ -237,7 +366,7 @@ def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation
 
         def validate(m):
             dev = next(m.parameters()).device
-            out = m(torch.from_numpy(vx[:, None]).to(dev)).cpu().numpy()[:, 0]
+            out = m(torch.from_numpy(vx[:, None] if vx.ndim == 3 else vx).to(dev)).cpu().numpy()[:, 0]
             return float(np.mean((out - vy) ** 2))
 
     with _threads():
@@ -253,25 +382,33 @@ def _norm_stats(x):
     return float(x.mean()), (scale if scale > 0 else 1.0)
 
 
-def train_supervised(noisy, clean, *, model=None, depth=50, width=1, max_dilation=10, steps=500, patch=64,
-                     batch=4, lr=2e-3, validation=None, device="auto", seed=0, progress=True, time_limit=None):
+def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=1, max_dilation=10, steps=500,
+                     patch=64, batch=4, lr=2e-3, validation=None, device="auto", seed=0, progress=True,
+                     time_limit=None):
     """Train a mixed-scale dense network to map noisy slices to clean ones.
 
     Parameters
     ----------
-    noisy, clean : array_like, shape (y, x) or (n, y, x)
+    noisy, clean : array_like, shape (y, x) or (n, y, x), or a list of such arrays
         Training pairs, e.g. low-dose reconstructions and the ground truth (or high-dose
-        reconstructions). Each slice is one 2D training image.
+        reconstructions). Each slice is one 2D training image. With ``context > 0`` each
+        array is a volume of contiguous slices (give several scans as a list, so that no
+        slice borrows a neighbour from another scan).
     model : MSDNet or Denoiser, optional
-        Start from this network (fine-tuning, e.g. :func:`load_pretrained`); its
-        normalisation is kept when it is a :class:`Denoiser`.
+        Start from this network (fine-tuning, e.g. :func:`load_pretrained`, or
+        :func:`with_context` of a single-slice model); its normalisation is kept when it is
+        a :class:`Denoiser`.
+    context : int, optional
+        Neighbouring slices on each side given to the network as extra channels ("2.5D";
+        default: the model's, or 0 for a new network).
     depth, width, max_dilation : int
         MSD architecture when ``model`` is None (dilations cycle 1..max_dilation).
     steps, patch, batch, lr : int, int, int, float
         Optimisation steps, square patch size, patches per step, AdamW learning rate
         (cosine-decayed).
     validation : tuple (noisy_val, clean_val), optional
-        Held-out slices; their MSE is recorded in ``history["val"]``.
+        Held-out slices (a volume or a list of volumes, as for ``noisy``); their MSE is
+        recorded in ``history["val"]``.
     device : str
         ``"auto"`` uses CUDA when available.
     seed : int
@@ -295,9 +432,16 @@ def train_supervised(noisy, clean, *, model=None, depth=50, width=1, max_dilatio
     >>> m.info["strategy"]
     'supervised'
     """
-    x, _ = _as_slices(noisy, "noisy")
-    y, _ = _as_slices(clean, "clean")
-    check_same_shape(x, y, "noisy", "clean")
+    if context is None:
+        context = _net_context(model.net if isinstance(model, Denoiser) else model) if model is not None else 0
+    context = _check_int(context, "context", 0)
+    xs, ys = _volume_list(noisy, "noisy", context), _volume_list(clean, "clean", context)
+    if len(xs) != len(ys):
+        raise ValueError(f"clean: {len(ys)} volume(s) for {len(xs)} noisy one(s)")
+    for i, (a, b) in enumerate(zip(xs, ys)):
+        check_same_shape(a, b, f"noisy[{i}]" if len(xs) > 1 else "noisy", f"clean[{i}]" if len(xs) > 1 else "clean")
+        check_same_shape(a[0], xs[0][0], "noisy[0] slices", f"noisy[{i}] slices")
+    x, y = np.concatenate(xs), np.concatenate(ys)
     steps = check_positive(steps, "steps", integer=True)
     patch = _check_int(patch, "patch", 8)
     batch = _check_int(batch, "batch", 1)
@@ -306,20 +450,25 @@ def train_supervised(noisy, clean, *, model=None, depth=50, width=1, max_dilatio
         offset, scale = model.offset, model.scale
     else:
         offset, scale = _norm_stats(x)
-    xn, yn = (x - offset) / scale, (y - offset) / scale
+    xn = np.concatenate([_stack_context((v - offset) / scale, context) for v in xs]) if context else \
+        (x - offset) / scale
+    yn = (y - offset) / scale
     val = None
     if validation is not None:
-        vx, _ = _as_slices(validation[0], "validation")
-        vy, _ = _as_slices(validation[1], "validation")
-        check_same_shape(vx, vy, "validation[0]", "validation[1]")
-        val = ((vx - offset) / scale, (vy - offset) / scale)
+        vxs, vys = _volume_list(validation[0], "validation[0]", context), _volume_list(validation[1], "validation[1]",
+                                                                                        context)
+        for a, b in zip(vxs, vys):
+            check_same_shape(a, b, "validation[0]", "validation[1]")
+        vx = np.concatenate([_stack_context((v - offset) / scale, context) for v in vxs]) if context else \
+            (np.concatenate(vxs) - offset) / scale
+        val = (vx, (np.concatenate(vys) - offset) / scale)
     pairs = [(i, i) for i in range(len(x))]
     net, hist = _fit_pairs(xn, yn, pair_index=pairs, model=model, depth=depth, width=width,
                            max_dilation=max_dilation, steps=steps, patch=patch, batch=batch, lr=lr, val=val,
                            device=device, seed=seed, progress=progress, time_limit=time_limit,
                            desc="MSD supervised", strategy="supervised")
     info = {"strategy": "supervised", "steps": hist["steps"], "seconds": hist["seconds"], "patch": patch,
-            "batch": batch, "lr": lr, "seed": seed, "n_slices": len(x)}
+            "batch": batch, "lr": lr, "seed": seed, "n_slices": len(x), "context": context}
     return Denoiser(net, offset, scale, hist, info)
 
 
@@ -332,6 +481,9 @@ def _as_projections(projections, angles):
     if ang.size != sino.shape[1]:
         raise ValueError(f"angles: has {ang.size} values but projections have {sino.shape[1]} angles "
                          f"(expected (n_angles, n_det) or (n_angles, n_rows, n_det))")
+    from .tomo import _check_angles
+
+    ang = _check_angles(ang)  # radians: a span above 2.5 pi (degrees) raises
     return np.ascontiguousarray(sino, dtype=np.float32), ang, was_2d
 
 
@@ -357,7 +509,7 @@ def split_reconstructions(projections, angles, n_splits=2, *, center=None, metho
     projections : array_like, shape (n_angles, n_det) or (n_angles, n_rows, n_det)
         Line integrals (``tomo.minus_log(tomo.normalize(...))``).
     angles : array_like, shape (n_angles,)
-        Radians.
+        Radians (a span above ``2.5 pi`` -- angles in degrees -- raises ``ValueError``).
     n_splits : int
         Number of subsets ``K`` (2 or 4 are usual).
     center, method, filter, n_iter, device
@@ -404,7 +556,8 @@ def noise2inverse(projections, angles, n_splits=2, *, center=None, method="fbp",
     projections : array_like, shape (n_angles, n_det) or (n_angles, n_rows, n_det)
         Line integrals of one slice (a sinogram) or of ``n_rows`` slices.
     angles : array_like, shape (n_angles,)
-        Radians, covering [0, pi) (or [0, 2 pi)) evenly.
+        Radians, covering [0, pi) (or [0, 2 pi)) evenly; a span above ``2.5 pi`` (angles
+        in degrees) raises ``ValueError``.
     n_splits : int
         ``K``, usually 2 or 4. More splits give sparser sub-reconstructions (streaks when
         the angles are few) but more training pairs.
@@ -439,6 +592,9 @@ def noise2inverse(projections, angles, n_splits=2, *, center=None, method="fbp",
     (48, 48)
     """
     sino, ang, was_2d = _as_projections(projections, angles)
+    if model is not None and _net_context(model.net if isinstance(model, Denoiser) else model):
+        raise ValueError("model: Noise2Inverse here trains single-slice networks (context 0); this one takes "
+                         "neighbouring slices")
     K = _check_int(n_splits, "n_splits", 2)
     steps = check_positive(steps, "steps", integer=True)
     patch = _check_int(patch, "patch", 8)
@@ -477,9 +633,11 @@ def denoise(volume, model, *, tile=512, overlap=32, batch=4, device="auto", prog
     ----------
     volume : array_like, shape (y, x) or (z, y, x)
         Reconstructed slices (the same kind of data the model was trained on).
-    model : Denoiser or torch.nn.Module
+    model : Denoiser, torch.nn.Module, str or path
         From :func:`train_supervised`, :func:`noise2inverse` (``return_model=True``) or
-        :func:`load_pretrained`; a bare network is applied without normalisation.
+        :func:`load_pretrained`; the name of a shipped denoiser (``"msd_bone_implant"``,
+        see :func:`load_pretrained`) or the path of a file written by :meth:`Denoiser.save`;
+        a bare network is applied without normalisation.
     tile : int
         Slices larger than ``tile`` pixels on a side are processed in overlapping
         ``tile x tile`` patches blended with Gaussian weights
@@ -520,6 +678,8 @@ def denoise(volume, model, *, tile=512, overlap=32, batch=4, device="auto", prog
     from .train import resolve_device
 
     vol, was_2d = _as_slices(volume, "volume")
+    if isinstance(model, (str, os.PathLike)):
+        model = _resolve_model(model)
     if tta:
         acc = np.zeros(vol.shape, np.float64)
         for k, flip in tqdm([(k, f) for k in range(4) for f in (False, True)], desc="denoise (8 orientations)",
@@ -539,23 +699,30 @@ def denoise(volume, model, *, tile=512, overlap=32, batch=4, device="auto", prog
     tile = _check_int(tile, "tile", 32)
     overlap = _check_int(overlap, "overlap", 0)
     batch = _check_int(batch, "batch", 1)
+    k = _net_context(net)
+    Z, H, W = vol.shape
+    if k and (was_2d or Z <= k):
+        raise ValueError(f"volume: this network also reads {k} neighbouring slice(s) on each side; give a volume "
+                         f"(z, y, x) of more than {k} contiguous slices, got shape {np.shape(volume)}")
     dev = resolve_device(device)
     net = net.to(dev).eval()
     out = np.empty_like(vol)
-    Z, H, W = vol.shape
+    index = _context_index(Z, k)
 
-    def run(x):  # x: (b, h, w) normalised numpy
+    def inputs(z):  # normalised network input for slice(s) z: (b, 1 + 2k, h, w)
+        return (vol[index[z]] - offset) / scale
+
+    def run(x):  # x: (b, c, h, w) normalised numpy
         with torch.no_grad():
-            return net(torch.from_numpy(np.ascontiguousarray(x[:, None])).to(dev)).cpu().numpy()[:, 0]
+            return net(torch.from_numpy(np.ascontiguousarray(x)).to(dev)).cpu().numpy()[:, 0]
 
     with _threads():
         if H <= tile and W <= tile:
             for z0 in tqdm(range(0, Z, batch), desc="denoise", disable=not progress or Z <= batch):
-                out[z0:z0 + batch] = run((vol[z0:z0 + batch] - offset) / scale) * scale + offset
+                out[z0:z0 + batch] = run(inputs(slice(z0, z0 + batch))) * scale + offset
         else:
             for z in tqdm(range(Z), desc="denoise", disable=not progress):
-                sl = (vol[z] - offset) / scale
-                res = sliding_window(sl, lambda p: run(p[None])[0], (tile, tile), overlap, progress=False)
+                res = sliding_window(inputs(z), lambda p: run(p[None]), (tile, tile), overlap, progress=False)
                 out[z] = res[0] * scale + offset
     net.cpu()
     return out[0] if was_2d else out
@@ -563,18 +730,17 @@ def denoise(volume, model, *, tile=512, overlap=32, batch=4, device="auto", prog
 
 # =============================================================================== classical
 def classical_methods():
-    """Classical filters available here (``"bm3d"`` only when the ``bm3d`` package is installed).
+    """Classical filters available here (``"bm3d"`` / ``"bm4d"`` only when the optional ``bm3d`` /
+    ``bm4d`` packages are installed).
 
     Examples
     --------
     >>> classical_methods()[:3]
     ('gaussian', 'median', 'nlm')
     """
-    try:
-        import bm3d  # noqa: F401
-        return CLASSICAL
-    except ImportError:
-        return CLASSICAL[:3]
+    import importlib.util
+
+    return tuple(m for m in CLASSICAL if m not in ("bm3d", "bm4d") or importlib.util.find_spec(m) is not None)
 
 
 def _sigma_est(img):
@@ -584,18 +750,22 @@ def _sigma_est(img):
 
 
 def classical_filter(volume, method="gaussian", strength=1.0, *, sigma=None, progress=False):
-    """Apply a classical denoising filter slice by slice.
+    """Apply a classical denoising filter slice by slice (BM4D: to the whole volume).
 
     Parameters
     ----------
     volume : array_like, shape (y, x) or (z, y, x)
-    method : {"gaussian", "median", "nlm", "bm3d"}
+    method : {"gaussian", "median", "nlm", "bm3d", "bm4d"}
         ``"gaussian"``: :func:`scipy.ndimage.gaussian_filter` with ``sigma = strength``
         pixels; ``"median"``: :func:`scipy.ndimage.median_filter` with window
         ``strength`` (odd integer); ``"nlm"``: :func:`skimage.restoration.denoise_nl_means`
         (5x5 patches, 13x13 search) with ``h = strength * sigma``; ``"bm3d"``: the
         ``bm3d`` package (optional, non-commercial licence) with
-        ``sigma_psd = strength * sigma``.
+        ``sigma_psd = strength * sigma``; ``"bm4d"``: the ``bm4d`` package (same
+        licence) on the whole volume at once -- 3D blocks, so it uses the neighbouring
+        slices like a network with ``context`` does -- with ``sigma_psd = strength * sigma``
+        (``sigma``: the median of the per-slice estimates); needs a volume of at least 4
+        contiguous slices and takes tens of seconds for 16 slices of 128 x 128.
     strength : float
         The filter's one tuning parameter (see above); pick it with :func:`tune_classical`.
     sigma : float, optional
@@ -623,9 +793,17 @@ def classical_filter(volume, method="gaussian", strength=1.0, *, sigma=None, pro
     check_positive(strength, "strength")
     if sigma is not None:
         check_positive(sigma, "sigma")
-    if method == "bm3d" and "bm3d" not in classical_methods():
-        raise ImportError("method: 'bm3d' needs the optional bm3d package (pip install bm3d; "
+    if method in ("bm3d", "bm4d") and method not in classical_methods():
+        raise ImportError(f"method: {method!r} needs the optional {method} package (pip install {method}; "
                           "free for non-commercial use only)")
+    if method == "bm4d":
+        if was_2d or len(vol) < 4:
+            raise ValueError(f"volume: 'bm4d' filters a volume (z, y, x) of at least 4 contiguous slices, got shape "
+                             f"{np.shape(volume)}; use 'bm3d' for single slices")
+        import bm4d
+
+        s = float(np.median([_sigma_est(img) for img in vol])) if sigma is None else float(sigma)
+        return np.asarray(bm4d.bm4d(vol, sigma_psd=max(strength * s, 1e-12)), np.float32)
     if method == "median":
         size = int(round(strength))
         if size < 2:
@@ -663,13 +841,14 @@ def tune_classical(noisy, clean, method="gaussian", grid=None, *, mask=None, pro
     """Choose a classical filter's strength by the best PSNR on *validation* data.
 
     Use slices that are not in the test set (another phantom or seed) so the comparison
-    with a trained network stays fair.
+    with a trained network stays fair. For ``"bm4d"`` the slices must be contiguous (a
+    volume), since it filters them jointly.
 
     Parameters
     ----------
     noisy, clean : array_like, shape (y, x) or (n, y, x)
         Validation pairs.
-    method : {"gaussian", "median", "nlm", "bm3d"}
+    method : {"gaussian", "median", "nlm", "bm3d", "bm4d"}
     grid : sequence of float, optional
         Strengths to try (default :data:`DEFAULT_GRIDS`).
     mask : array_like of bool, shape (y, x), optional
@@ -705,10 +884,12 @@ def tune_classical(noisy, clean, method="gaussian", grid=None, *, mask=None, pro
         if mask.shape != y.shape[-2:]:
             raise ValueError(f"mask: shape {mask.shape} differs from the slices' {y.shape[-2:]}")
     rng_ = float(np.ptp(y if mask is None else y[:, mask]))
-    sig = [_sigma_est(s) for s in x] if method in ("nlm", "bm3d") else None
+    sig = [_sigma_est(s) for s in x] if method in ("nlm", "bm3d", "bm4d") else None
     scores = []
     for g in tqdm(grid, desc=f"tune {method}", disable=not progress):
-        if sig is None:
+        if method == "bm4d":
+            out = classical_filter(x, method, g, sigma=float(np.median(sig)))
+        elif sig is None:
             out = classical_filter(x, method, g)
         else:
             out = np.stack([classical_filter(s, method, g, sigma=sg) for s, sg in zip(x, sig)])

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-__all__ = ["MSDNet"]
+__all__ = ["MSDNet", "widen_input"]
 
 
 class _ShiftSum(torch.autograd.Function):
@@ -180,3 +180,36 @@ class MSDNet(nn.Module):
                 out = self._layer(layer, *maps)
             maps.append(out)
         return self.final(torch.cat(maps, 1))
+
+
+def widen_input(net: MSDNet, in_channels: int) -> MSDNet:
+    """A copy of ``net`` that takes ``in_channels`` input channels and computes the same output.
+
+    The new channels are appended after the existing ones with zero weights in every layer
+    and in the final 1x1 convolution, so the widened network starts exactly where ``net``
+    is and training can only add what the new inputs (e.g. neighbouring slices) bring.
+
+    Examples
+    --------
+    >>> net = MSDNet(depth=5)
+    >>> _ = torch.nn.init.normal_(net.final.weight)
+    >>> wide = widen_input(net, 3)
+    >>> x = torch.randn(2, 1, 24, 24)
+    >>> bool(torch.allclose(wide(torch.cat([x, torch.randn(2, 2, 24, 24)], 1)), net(x), atol=1e-6))
+    True
+    """
+    old = int(net.config["in_channels"])
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < old:
+        raise ValueError(f"in_channels: must be an integer >= the network's {old}, got {in_channels!r}")
+    cfg = dict(net.config, in_channels=in_channels)
+    wide = MSDNet(**cfg, checkpoint=net.checkpoint)
+    add = in_channels - old
+    with torch.no_grad():
+        for lo, ln in zip(net.layers, wide.layers):
+            w = lo.weight
+            ln.weight.copy_(torch.cat([w[:, :old], w.new_zeros(w.shape[0], add, 3, 3), w[:, old:]], 1))
+            ln.bias.copy_(lo.bias)
+        w = net.final.weight
+        wide.final.weight.copy_(torch.cat([w[:, :old], w.new_zeros(w.shape[0], add, 1, 1), w[:, old:]], 1))
+        wide.final.bias.copy_(net.final.bias)
+    return wide
