@@ -81,12 +81,13 @@ def main(argv=None):
                 warnings.simplefilter("always", RuntimeWarning)
                 plane = histology.register_slice(s["image"], ph.image, max_tilt_deg=tilt + 2, progress=False)
             reg_times.append(plane.seconds)
-            for st in plane.stages:
-                name = st["name"].replace(" (rejected)", "")
+            for st in plane.stages:        # a stage marked "(rejected)" was tried and not kept: its own row
                 e = histology.plane_errors((st["origin"], st["rotation"]), s["origin"], s["rotation"],
                                            shape=s["ct"].shape)
-                stage_err.setdefault(name, []).append((e["angle_deg"], e["offset"], e["mean_point_error"]))
+                stage_err.setdefault(st["name"], []).append((e["angle_deg"], e["offset"], e["mean_point_error"]))
             e = histology.plane_errors(plane, s["origin"], s["rotation"])
+            stage_err.setdefault("returned plane (what register_slice gives)", []).append(
+                (e["angle_deg"], e["offset"], e["mean_point_error"]))
             true_tilt = float(np.degrees(np.arccos(abs(s["rotation"][0, 0]))))
             reg_rows.append((ps, k, true_tilt, e["angle_deg"], e["offset"], e["mean_point_error"], plane.confidence,
                              plane.seconds, bool(caught)))
@@ -156,14 +157,14 @@ def main(argv=None):
         "offset = distance of the found image centre from the true plane; mean point error = mean 3D "
         "distance between where each pixel is placed by the found and by the true rigid plane.",
         "",
-        "### (a) Registration error per stage (median / max over all held-out sections)",
+        "### (a) Registration error per stage (median / max over the held-out sections that reached it)",
         "",
         "| stage | angle (deg) | offset (voxels) | mean point error (voxels) |",
         "|---|---:|---:|---:|",
     ]
     for name, v in stage_err.items():
         v = np.array(v)
-        lines.append(f"| {name} | {np.median(v[:, 0]):.2f} / {v[:, 0].max():.2f} | {np.median(v[:, 1]):.2f} / "
+        lines.append(f"| {name} ({len(v)} sections) | {np.median(v[:, 0]):.2f} / {v[:, 0].max():.2f} | {np.median(v[:, 1]):.2f} / "
                      f"{v[:, 1].max():.2f} | {np.median(v[:, 2]):.2f} / {v[:, 2].max():.2f} |")
     lines += ["", "| sample | section | true tilt (deg) | angle error | offset | mean point error | confidence | "
               "seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -186,7 +187,8 @@ def main(argv=None):
         f"### (b) Translation on {len(held_ct)} held-out registered pairs (mean over sections)",
         "",
         f"The lookup and the cycleGAN use the same 8 registered training pairs (`scripts/train_cyclegan.py`; "
-        f"the shipped weights: {meta.get('steps', '?')} steps, {meta.get('train_seconds', 0) / 60:.1f} min). "
+        f"the shipped weights: {meta.get('hyper', {}).get('warmup_steps', 0)} supervised warm-up steps + "
+        f"{meta.get('steps', '?')} cycleGAN steps, {meta.get('train_seconds', 0) / 60:.1f} min). "
         "Inputs are the *registered* CT slices (the pipeline's output), references the real stained "
         "sections. Colour distance = sliced Wasserstein-1 between RGB pixel distributions; texture "
         "distance = relative Frobenius distance of Gram matrices of 32 fixed random 5x5 convolution "
