@@ -4,7 +4,10 @@ phase retrieval (Paganin vs physics-informed), on held-out synthetic data with g
 Denoising: bone-implant phantoms ``(16, 128, 128)`` with seeds 10 and 11 (never used for
 training: the shipped weights saw seeds 100-105, validation 200), scanned with
 ``denoise.simulate_low_dose`` (360 angles) at several fluxes. Every classical filter's
-strength is tuned by PSNR on a separate validation phantom (seed 300) at the same flux.
+strength is tuned by PSNR on a separate validation phantom (seed 300) at the same flux
+(every 4th slice; BM4D, which filters contiguous slices jointly, on all 16). BM4D and the
+2.5D network (``msd_deep25d_bone_implant``: the 100-layer network that also reads the slice
+above and below) use the neighbouring slices; the other methods work slice by slice.
 MSD supervised = shipped ``msd_bone_implant`` weights, no test-time training.
 Noise2Inverse (K=2) = shipped ``msd_n2i_bone_implant`` weights (trained self-supervised
 on the training scans, no ground truth) fine-tuned on the test scan's own projections
@@ -33,6 +36,8 @@ from tomoml_nb.phantoms import bone_implant
 OUT = Path(__file__).resolve().parent / "results" / "denoise_phase.md"
 DEEP = "MSD supervised, 100 layers (shipped, GPU-trained)"
 DEEP_TTA = "MSD supervised, 100 layers + 8-orientation self-ensemble (tta=True)"
+DEEP25 = "MSD supervised, 100 layers, 2.5D (+-1 slice)"
+DEEP25_TTA = "MSD supervised, 100 layers, 2.5D (+-1 slice) + self-ensemble (tta=True)"
 
 
 def scan(seed, flux, shape=(16, 128, 128)):
@@ -50,12 +55,16 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
     methods = dn.classical_methods()
     sup = dn.load_pretrained("msd_bone_implant")
     deep = dn.load_pretrained("msd_deep_bone_implant")
+    try:
+        deep25 = dn.load_pretrained("msd_deep25d_bone_implant")
+    except ValueError:
+        deep25 = None
     n2i0 = dn.load_pretrained("msd_n2i_bone_implant")
     rows, gaps, gains, deep_gains = [], [], [], []
     for flux in fluxes:
         val = scan(300, flux)
-        tuned = {m: dn.tune_classical(val["reconstruction"][::4], val["truth"][::4], m, mask=val["mask"])
-                 for m in methods}
+        tuned = {m: dn.tune_classical(val["reconstruction"][sl], val["truth"][sl], m, mask=val["mask"])
+                 for m in methods for sl in [slice(None) if m == "bm4d" else slice(None, None, 4)]}
         for seed in seeds:
             te = scan(seed, flux)
             m, truth, rec = te["mask"], te["truth"], te["reconstruction"]
@@ -69,6 +78,11 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
             res[DEEP] = (dn.evaluate(out, truth, mask=m), s)
             out, s = timed(deep, rec, progress=False, tta=True)
             res[DEEP_TTA] = (dn.evaluate(out, truth, mask=m), s)
+            if deep25 is not None:
+                out, s = timed(deep25, rec, progress=False)
+                res[DEEP25] = (dn.evaluate(out, truth, mask=m), s)
+                out, s = timed(deep25, rec, progress=False, tta=True)
+                res[DEEP25_TTA] = (dn.evaluate(out, truth, mask=m), s)
             subs = dn.split_reconstructions(te["projections"], te["angles"], 2)
             pred, s = timed(lambda: np.mean([n2i0(subs[1 - j], progress=False) for j in range(2)], 0))
             res["Noise2Inverse K=2 (shipped, no fine-tune)"] = (dn.evaluate(pred, truth, mask=m), s)
@@ -78,10 +92,15 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
                            lr=5e-4, progress=False)
             res[f"Noise2Inverse K=2 (fine-tuned {n2i_steps} steps on this scan)"] = (dn.evaluate(out, truth, mask=m), s)
             best_cl = max((v[0]["psnr"], k) for k, v in res.items() if k.split(" ")[0] in methods)
+            best_2d = max((v[0]["psnr"], k) for k, v in res.items() if k.split(" ")[0] in methods
+                          and not k.startswith("bm4d"))
             p_sup = res["MSD supervised (shipped)"][0]["psnr"]
             p_n2i = res[f"Noise2Inverse K=2 (fine-tuned {n2i_steps} steps on this scan)"][0]["psnr"]
             gains.append(p_sup - best_cl[0])
-            deep_gains.append((res[DEEP][0]["psnr"] - best_cl[0], res[DEEP_TTA][0]["psnr"] - best_cl[0]))
+            g = {name: res[name][0]["psnr"] - best_cl[0] for name in (DEEP, DEEP_TTA, DEEP25, DEEP25_TTA)
+                 if name in res}
+            g.update({f"{name} vs per-slice": res[name][0]["psnr"] - best_2d[0] for name in (DEEP, DEEP_TTA)})
+            deep_gains.append(g)
             gaps.append(p_sup - p_n2i)
             rows.append((flux, seed, res, best_cl))
             print(f"flux {flux} seed {seed}: " + ", ".join(f"{k}: {v[0]['psnr']:.2f}" for k, v in res.items()),
@@ -91,6 +110,7 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
               "(classical strength in brackets, tuned on the validation phantom).", ""]
     for flux, seed, res, best in rows:
         lines += [f"### flux {flux:g} counts/pixel, test phantom seed {seed}", "",
+                  f"Best classical: {best[1]} ({best[0]:.2f} dB).", "",
                   "| method | PSNR | SSIM | seconds |", "|---|---|---|---|"]
         lines += [f"| {k} | {v[0]['psnr']:.2f} | {v[0]['ssim']:.3f} | {v[1]:.1f} |" for k, v in res.items()]
         lines += [""]
@@ -136,19 +156,24 @@ def main(argv=None):
     fluxes, seeds = ((1000.0,), (10,)) if args.quick else ((500.0, 2000.0), (10, 11))
     gains, gaps, deep_gains = bench_denoise(fluxes, seeds, 60 if args.quick else 150, lines)
     pag, phys = bench_phase(30 if args.quick else 100, lines, 64 if args.quick else 128)
-    g, gap = float(np.median(gains)), float(np.median(gaps))
-    deep = np.asarray(deep_gains)
     ok = lambda c: "MET" if c else "NOT MET"
+    fmt = lambda xs: ", ".join(f"{x:+.2f}" for x in xs)
+    per = {name: [d[name] for d in deep_gains] for name in deep_gains[0]}
+    best_rows = [min(gains)] + [min(v) for k, v in per.items() if "per-slice" not in k]
     lines += ["## Targets", "",
-              f"- MSD (supervised) >= 2 dB PSNR over the best classical filter: 30-layer CPU-trained network, "
-              f"median gain {g:+.2f} dB (per case {', '.join(f'{x:+.2f}' for x in gains)}); 100-layer GPU-trained "
-              f"network, median gain {float(np.median(deep[:, 0])):+.2f} dB (per case "
-              f"{', '.join(f'{x:+.2f}' for x in deep[:, 0])}); the same with the 8-orientation self-ensemble "
-              f"{float(np.median(deep[:, 1])):+.2f} dB (per case {', '.join(f'{x:+.2f}' for x in deep[:, 1])}; 8x the "
-              f"network's time) -> **{ok(max(min(gains), deep[:, 0].min(), deep[:, 1].min()) >= 2)}** "
-              f"(every case must gain 2 dB)",
-              f"- Noise2Inverse within 1 dB of supervised: median gap {gap:.2f} dB "
-              f"(per case {', '.join(f'{x:.2f}' for x in gaps)}) -> **{ok(max(gaps) <= 1)}**",
+              "- MSD (supervised) >= 2 dB PSNR over the best classical filter (every case), the best classical "
+              "being the best of all filters incl. BM4D, which uses the neighbouring slices: 30-layer CPU-trained "
+              f"network, median gain {float(np.median(gains)):+.2f} dB (per case {fmt(gains)}); "
+              + "; ".join(f"{k}: median {float(np.median(v)):+.2f} dB (per case {fmt(v)})" for k, v in per.items()
+                          if "per-slice" not in k)
+              + f" -> **{ok(max(best_rows) >= 2)}**. Against the best *per-slice* filter only (as in earlier "
+              "runs, before BM4D was measured): "
+              + "; ".join(f"{k.replace(' vs per-slice', '')}: median {float(np.median(v)):+.2f} dB (per case {fmt(v)})"
+                          for k, v in per.items() if "per-slice" in k) + ".",
+              f"- Noise2Inverse within 1 dB of supervised -- the supervised network of the same size (30 layers; the "
+              f"100-layer network is deeper and trained longer, not a like-for-like reference): median gap "
+              f"{float(np.median(gaps)):.2f} dB (per case {', '.join(f'{x:.2f}' for x in gaps)}) -> "
+              f"**{ok(max(gaps) <= 1)}**",
               f"- Physics-informed phase RMSE <= 0.5 x Paganin's (best tuned delta/beta): {phys:.3f} vs "
               f"{pag:.3f} rad (ratio {phys / pag:.2f}) -> **{ok(phys <= 0.5 * pag)}**", "",
               f"Total run time {time.perf_counter() - t0:.0f} s.", ""]

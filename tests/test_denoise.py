@@ -223,7 +223,7 @@ def test_simulate_low_dose_bad_inputs():
 
 # ------------------------------------------------------------------------------ shipped weights
 @pytest.mark.parametrize("name, depth", [("msd_bone_implant", 30), ("msd_n2i_bone_implant", 30),
-                                         ("msd_deep_bone_implant", 100)])
+                                         ("msd_deep_bone_implant", 100), ("msd_deep25d_bone_implant", 100)])
 def test_shipped_weights_denoise_a_held_out_phantom(name, depth):
     from tomoml_nb.phantoms import bone_implant
 
@@ -234,6 +234,20 @@ def test_shipped_weights_denoise_a_held_out_phantom(name, depth):
     before = dn.evaluate(sim["reconstruction"], sim["truth"], mask=sim["mask"])["psnr"]
     after = dn.evaluate(model(sim["reconstruction"], progress=False), sim["truth"], mask=sim["mask"])["psnr"]
     assert after > before + 4.0, (before, after)
+
+
+def test_shipped_25d_network_gains_from_the_neighbouring_slices():
+    from tomoml_nb.phantoms import bone_implant
+
+    vol = bone_implant((16, 128, 128), seed=42, noise=0.0, rings=0.0).image   # seed unused in training
+    sim = dn.simulate_low_dose(vol[6:10], n_angles=360, flux=1000, seed=42)
+    psnr = {}
+    for name in ("msd_deep_bone_implant", "msd_deep25d_bone_implant"):
+        model = dn.load_pretrained(name)
+        psnr[name] = dn.evaluate(model(sim["reconstruction"], progress=False), sim["truth"], mask=sim["mask"])["psnr"]
+    assert dn.load_pretrained("msd_deep25d_bone_implant").context == 1
+    # the 2.5D network started as the single-slice one; 4 slices, two of them at the mirrored ends
+    assert psnr["msd_deep25d_bone_implant"] > psnr["msd_deep_bone_implant"] + 0.15, psnr
 
 
 def test_load_pretrained_unknown_name():
