@@ -90,19 +90,35 @@ def pairs_joined_in_tiles(truth, layout, tile_labels, min_voxels=20):
     return out
 
 
+def _pieces_of(obj_id, tiled, layout, tile_labels):
+    """How many tile objects make up the stitched object ``obj_id`` (each voxel comes from the tile whose core holds it)."""
+    n = 0
+    for (sl, core), lab in zip(layout, tile_labels):
+        m = tiled[core] == obj_id
+        if m.any():
+            local = lab[tuple(slice(c.start - s.start, c.stop - s.start) for c, s in zip(core, sl))]
+            n += len(np.unique(local[m]))
+    return n
+
+
 def stitch_merges(tiled, whole, truth, layout, tile_labels, min_voxels=20):
     """Pairs of true fibres merged in ``tiled`` by the stitching itself.
 
     A pair counts when the two fibres share their majority object in the stitched result, were
-    kept apart by whole-volume inference, and no single tile object holds ``min_voxels`` (the
-    labeller's smallest object) or more of each -- so the labeller inside every tile kept them
-    apart and the join came from matching across tiles. (An earlier version judged "kept apart in
-    a tile" by the fibres' majority objects in that tile; it blamed the stitching for a tile
-    object holding 615 + 593 voxels of two touching fibres, because each fibre had a larger piece
-    elsewhere in the tile.)
+    kept apart by whole-volume inference, that object is made of two or more tile objects (so the
+    stitching joined something), and no single tile object holds ``min_voxels`` (the labeller's
+    smallest object) or more of each -- so the labeller inside every tile kept them apart and the
+    join came from matching across tiles. (Earlier versions judged "kept apart in a tile" by the
+    fibres' majority objects in that tile, which blamed the stitching for a tile object holding
+    615 + 593 voxels of two touching fibres; and without the two-tile-objects rule a 25-voxel fibre
+    at the volume border, whose majority object was 4 of its voxels inside one tile object, counted
+    as a stitch merge.)
     """
     in_tiles = pairs_joined_in_tiles(truth, layout, tile_labels, min_voxels)
-    return len(merged_pairs(tiled, truth) - merged_pairs(whole, truth) - in_tiles)
+    home = homes(tiled, truth)
+    pairs = merged_pairs(tiled, truth) - merged_pairs(whole, truth) - in_tiles
+    pieces = {h: _pieces_of(h, tiled, layout, tile_labels) for h in {home[a] for a, _ in pairs}}
+    return sum(1 for a, _ in pairs if pieces[home[a]] >= 2)
 
 
 def timed(fn, repeats):
