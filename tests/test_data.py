@@ -86,7 +86,8 @@ def test_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
     assert not any(p.is_file() for p in data.cache_dir().rglob("*"))
 
 
-def test_download_with_wrong_content_is_rejected(tmp_path, monkeypatch):
+def _download_wrong_content(tmp_path, monkeypatch):
+    """No local mirror, and every download returns bytes that do not match the manifest."""
     monkeypatch.setenv("TOMOML_DATA_MIRROR", str(tmp_path / "empty"))
 
     def fake(url, sha256, tmp):
@@ -95,6 +96,10 @@ def test_download_with_wrong_content_is_rejected(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(data, "_download_url", fake)
+
+
+def test_download_with_wrong_content_is_rejected(tmp_path, monkeypatch):
+    _download_wrong_content(tmp_path, monkeypatch)
     with pytest.raises(data.DataError, match="sha256 mismatch"):
         data.path("tomopy_tooth")
     assert not (data.cache_dir() / data.info("tomopy_tooth")["file"]).exists()
@@ -245,14 +250,7 @@ def test_folder_of_slices_is_sorted_naturally(tmp_path):
 
 
 def test_download_mismatch_message_names_the_source_not_a_deleted_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOMOML_DATA_MIRROR", str(tmp_path / "empty"))
-
-    def fake(url, sha256, tmp):
-        out = tmp / "download"
-        out.write_bytes(b"something else")
-        return out
-
-    monkeypatch.setattr(data, "_download_url", fake)
+    _download_wrong_content(tmp_path, monkeypatch)
     entry = data.info("tomopy_tooth")
     with pytest.raises(data.DataError) as info:
         data.path("tomopy_tooth")

@@ -226,19 +226,16 @@ def _resolve_model(model):
     """A :class:`Denoiser` from a shipped name (``"msd_bone_implant"``) or a saved file's path."""
     from pathlib import Path
 
-    from .weights import WEIGHTS_DIR
-
     path = Path(model)
     if path.is_file():
         try:
             return Denoiser.load(path)
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from exc
-    shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("msd_*.pt"))
-    if isinstance(model, str) and model in shipped:
-        return load_pretrained(model)
-    raise ValueError(f"model: {str(model)!r} is neither an existing file nor a shipped denoiser "
-                     f"({', '.join(shipped)})")
+    try:
+        return load_pretrained(str(model))
+    except ValueError as exc:   # lists the shipped names
+        raise ValueError(f"model: {str(model)!r} is neither an existing file nor a shipped denoiser ({exc})") from None
 
 
 def _net_context(net):
@@ -450,8 +447,7 @@ def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=
         offset, scale = model.offset, model.scale
     else:
         offset, scale = _norm_stats(x)
-    xn = np.concatenate([_stack_context((v - offset) / scale, context) for v in xs]) if context else \
-        (x - offset) / scale
+    xn = np.concatenate([_stack_context((v - offset) / scale, context) for v in xs])   # (n, 1 + 2 context, y, x)
     yn = (y - offset) / scale
     val = None
     if validation is not None:
@@ -459,8 +455,7 @@ def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=
                                                                                         context)
         for a, b in zip(vxs, vys):
             check_same_shape(a, b, "validation[0]", "validation[1]")
-        vx = np.concatenate([_stack_context((v - offset) / scale, context) for v in vxs]) if context else \
-            (np.concatenate(vxs) - offset) / scale
+        vx = np.concatenate([_stack_context((v - offset) / scale, context) for v in vxs])
         val = (vx, (np.concatenate(vys) - offset) / scale)
     pairs = [(i, i) for i in range(len(x))]
     net, hist = _fit_pairs(xn, yn, pair_index=pairs, model=model, depth=depth, width=width,
