@@ -334,6 +334,21 @@ def test_with_context_starts_as_the_single_slice_model_and_roundtrips(tmp_path):
     np.testing.assert_allclose(again(vol, progress=False), wide(vol, progress=False), atol=1e-6)
 
 
+def test_with_context_widens_a_25d_model_keeping_its_neighbours():
+    from tomoml_nb.models.msd import MSDNet
+
+    torch.manual_seed(0)
+    one = dn.Denoiser(MSDNet(in_channels=3, depth=6), 0.1, 2.0, {}, {"context": 1})
+    for p in one.net.parameters():                          # every weight non-zero, neighbours included
+        torch.nn.init.normal_(p, std=0.2)
+    assert one.context == 1
+    two = dn.with_context(one, 2)
+    assert two.context == 2 and two.net.config["in_channels"] == 5
+    vol = np.random.default_rng(2).normal(size=(7, 40, 40)).astype(np.float32)
+    # the +-1 neighbours keep their weights (channel order: slice, -1, +1, -2, +2), +-2 start at zero
+    np.testing.assert_allclose(two(vol, progress=False), one(vol, progress=False), atol=1e-4)
+
+
 def test_context_bad_inputs():
     from tomoml_nb.models.msd import MSDNet
 
@@ -345,8 +360,8 @@ def test_context_bad_inputs():
         dn.train_supervised(noisy, clean, model=wide, context=2, steps=1, progress=False)
     with pytest.raises(ValueError, match="noisy"):
         dn.train_supervised(noisy[:1], clean[:1], context=1, depth=3, steps=1, progress=False)
-    with pytest.raises(ValueError, match="model"):
-        dn.with_context(wide, 1)                            # already has context
+    with pytest.raises(ValueError, match="context"):
+        dn.with_context(wide, 1)                            # already has this context
     sim = dn.simulate_low_dose(np.ones((1, 32, 32), np.float32), n_angles=40, flux=1000, seed=0)
     with pytest.raises(ValueError, match="model"):
         dn.noise2inverse(sim["projections"], sim["angles"], 2, model=wide, steps=1, progress=False)

@@ -248,17 +248,19 @@ def _net_context(net):
 
 
 def with_context(model, context):
-    """A copy of a single-slice denoiser that also takes ``context`` neighbours on each side.
+    """A copy of a denoiser that takes ``context`` neighbours on each side (more than it had).
 
-    The neighbours enter as extra input channels with zero weights, so the returned model
+    The new neighbours enter as extra input channels with zero weights, so the returned model
     denoises exactly like ``model`` until it is trained further (``train_supervised(...,
-    model=with_context(m, 1))``): a 2D network is a good start for a 2.5D one.
+    model=with_context(m, 1))``): a 2D network is a good start for a 2.5D one, and a network
+    that reads one neighbour on each side is a good start for one that reads two.
 
     Parameters
     ----------
     model : Denoiser or str
-        A single-slice model, or the name of a shipped one (:func:`load_pretrained`).
-    context : int >= 1
+        A model, or the name of a shipped one (:func:`load_pretrained`).
+    context : int
+        Neighbours on each side, larger than ``model.context``.
 
     Returns
     -------
@@ -285,8 +287,9 @@ def with_context(model, context):
     if not isinstance(model, Denoiser):
         raise TypeError(f"model: expected a Denoiser, got {type(model).__name__}")
     context = _check_int(context, "context", 1)
-    if model.context:
-        raise ValueError(f"model: already takes {model.context} neighbouring slice(s) on each side")
+    if context <= model.context:
+        raise ValueError(f"context: must be larger than the {model.context} neighbouring slice(s) on each "
+                         f"side that the model already takes, got {context}")
     net = widen_input(model.net, 2 * context + 1)
     info = dict(copy.deepcopy(model.info), context=context, widened_from=int(model.net.config["in_channels"]))
     return Denoiser(net, model.offset, model.scale, {}, info)
