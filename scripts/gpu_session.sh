@@ -16,9 +16,9 @@
 # .gpu_data). Jobs:
 #   embedseg_fibres   scripts/train_embedseg.py  (validation AP@0.5 of tiled inference, seed 900)
 #   volraft_synthetic scripts/train_volraft.py   (validation EPE; also re-chooses inference_iters)
-#   msd_deep25d       scripts/train_msd.py       (validation PSNR, seed 200: the 100-layer 2.5D network, which
-#                     supersedes the single-slice one; cosine schedule restarted at a quarter of the original
-#                     peak rate: a restart at 2e-3 undoes the trained weights first)
+#   msd_deep25d2      scripts/train_msd.py       (validation PSNR, seed 200: the 100-layer 2.5D network that reads
+#                     two slices on each side, the best denoiser so far; cosine schedule restarted at a quarter
+#                     of the original peak rate: a restart at 2e-3 undoes the trained weights first)
 set -euo pipefail
 OUT=${OUT:?set OUT to an output folder}
 BUDGET=${BUDGET:-480}
@@ -35,9 +35,9 @@ export PYTHONPATH=.
     --init tomoml_nb/weights/embedseg_fibres.pt --out "$OUT/embedseg_fibres.pt" > "$OUT/embedseg.log" 2>&1 &
 "$PY" scripts/train_volraft.py --device "$DEVICE" --budget-s "$BUDGET" --data-dir "$DATA_DIR" --curriculum 0 \
     --init tomoml_nb/weights/volraft_synthetic.pt --out "$OUT/volraft_synthetic.pt" > "$OUT/volraft.log" 2>&1 &
-cp tomoml_nb/weights/msd_deep25d_bone_implant.pt "$OUT/"       # train_msd.py --init continues from --out
-"$PY" scripts/train_msd.py --which supervised --depth 100 --context 1 --steps 1500 --batch 16 --extra-train 12 \
-    --lr 5e-4 --device "$DEVICE" --budget-s "$BUDGET" --init --name msd_deep25d_bone_implant --out "$OUT" \
+cp tomoml_nb/weights/msd_deep25d2_bone_implant.pt "$OUT/"      # train_msd.py --init continues from --out
+"$PY" scripts/train_msd.py --which supervised --depth 100 --context 2 --steps 1500 --batch 16 --extra-train 12 \
+    --lr 5e-4 --device "$DEVICE" --budget-s "$BUDGET" --init --name msd_deep25d2_bone_implant --out "$OUT" \
     > "$OUT/msd.log" 2>&1 &
 
 status=0

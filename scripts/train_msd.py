@@ -32,6 +32,13 @@ the 2D network's quality)::
     python scripts/train_msd.py --which supervised --depth 100 --context 1 \
         --widen-from msd_deep_bone_implant --steps 500 --batch 16 --lr 5e-4 --extra-train 12 \
         --name msd_deep25d_bone_implant
+
+and the same with two slices on each side, started from that 2.5D network (its weights for the
++-1 neighbours are kept, the +-2 channels start at zero)::
+
+    python scripts/train_msd.py --which supervised --depth 100 --context 2 \
+        --widen-from msd_deep25d_bone_implant --steps 600 --batch 16 --lr 5e-4 --extra-train 12 \
+        --budget-s 5000 --name msd_deep25d2_bone_implant
 """
 from __future__ import annotations
 
@@ -79,8 +86,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=0,
                     help="neighbouring slices on each side given to the supervised network (2.5D); 0 = 2D")
     ap.add_argument("--widen-from", default=None,
-                    help="start the supervised network from this single-slice model (a shipped name or a .pt "
-                         "file) widened to --context (denoise.with_context)")
+                    help="start the supervised network from this model with less context (a shipped name or a "
+                         ".pt file) widened to --context (denoise.with_context)")
     ap.add_argument("--lr", type=float, default=2e-3,
                     help="peak learning rate of the cosine schedule (supervised model); lower it to continue "
                          "trained weights without undoing them")

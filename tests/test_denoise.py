@@ -223,7 +223,8 @@ def test_simulate_low_dose_bad_inputs():
 
 # ------------------------------------------------------------------------------ shipped weights
 @pytest.mark.parametrize("name, depth", [("msd_bone_implant", 30), ("msd_n2i_bone_implant", 30),
-                                         ("msd_deep_bone_implant", 100), ("msd_deep25d_bone_implant", 100)])
+                                         ("msd_deep_bone_implant", 100), ("msd_deep25d_bone_implant", 100),
+                                         ("msd_deep25d2_bone_implant", 100)])
 def test_shipped_weights_denoise_a_held_out_phantom(name, depth):
     from tomoml_nb.phantoms import bone_implant
 
@@ -240,14 +241,16 @@ def test_shipped_25d_network_gains_from_the_neighbouring_slices():
     from tomoml_nb.phantoms import bone_implant
 
     vol = bone_implant((16, 128, 128), seed=42, noise=0.0, rings=0.0).image   # seed unused in training
-    sim = dn.simulate_low_dose(vol[6:10], n_angles=360, flux=1000, seed=42)
+    sim = dn.simulate_low_dose(vol[4:12], n_angles=360, flux=1000, seed=42)
     psnr = {}
-    for name in ("msd_deep_bone_implant", "msd_deep25d_bone_implant"):
+    for name, context in (("msd_deep_bone_implant", 0), ("msd_deep25d_bone_implant", 1),
+                          ("msd_deep25d2_bone_implant", 2)):
         model = dn.load_pretrained(name)
+        assert model.context == context
         psnr[name] = dn.evaluate(model(sim["reconstruction"], progress=False), sim["truth"], mask=sim["mask"])["psnr"]
-    assert dn.load_pretrained("msd_deep25d_bone_implant").context == 1
-    # the 2.5D network started as the single-slice one; 4 slices, two of them at the mirrored ends
-    assert psnr["msd_deep25d_bone_implant"] > psnr["msd_deep_bone_implant"] + 0.15, psnr
+    # each started as the network with one neighbour less (measured: 32.04, 32.82, 32.91 dB on these 8 slices)
+    assert psnr["msd_deep25d_bone_implant"] > psnr["msd_deep_bone_implant"] + 0.3, psnr
+    assert psnr["msd_deep25d2_bone_implant"] > psnr["msd_deep25d_bone_implant"] + 0.03, psnr
 
 
 def test_load_pretrained_unknown_name():
