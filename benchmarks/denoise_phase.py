@@ -6,8 +6,9 @@ training: the shipped weights saw seeds 100-105, validation 200), scanned with
 ``denoise.simulate_low_dose`` (360 angles) at several fluxes. Every classical filter's
 strength is tuned by PSNR on a separate validation phantom (seed 300) at the same flux
 (every 4th slice; BM4D, which filters contiguous slices jointly, on all 16). BM4D and the
-2.5D network (``msd_deep25d_bone_implant``: the 100-layer network that also reads the slice
-above and below) use the neighbouring slices; the other methods work slice by slice.
+2.5D networks (``msd_deep25d_bone_implant``: the 100-layer network that also reads the slice
+above and below; ``msd_deep25d2_bone_implant``: two slices on each side) use the neighbouring
+slices; the other methods work slice by slice.
 MSD supervised = shipped ``msd_bone_implant`` weights, no test-time training.
 Noise2Inverse (K=2) = shipped ``msd_n2i_bone_implant`` weights (trained self-supervised
 on the training scans, no ground truth) fine-tuned on the test scan's own projections
@@ -36,8 +37,12 @@ from tomoml_nb.phantoms import bone_implant
 OUT = Path(__file__).resolve().parent / "results" / "denoise_phase.md"
 DEEP = "MSD supervised, 100 layers (shipped, GPU-trained)"
 DEEP_TTA = "MSD supervised, 100 layers + 8-orientation self-ensemble (tta=True)"
-DEEP25 = "MSD supervised, 100 layers, 2.5D (+-1 slice)"
-DEEP25_TTA = "MSD supervised, 100 layers, 2.5D (+-1 slice) + self-ensemble (tta=True)"
+# the 2.5D networks (each benchmarked when its weights are shipped): name -> neighbours on each side
+NETS_25D = {"msd_deep25d_bone_implant": "+-1 slice", "msd_deep25d2_bone_implant": "+-2 slices"}
+
+
+def name_25d(which, tta=False):
+    return f"MSD supervised, 100 layers, 2.5D ({NETS_25D[which]})" + (" + self-ensemble (tta=True)" if tta else "")
 
 
 def scan(seed, flux, shape=(16, 128, 128)):
@@ -55,10 +60,12 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
     methods = dn.classical_methods()
     sup = dn.load_pretrained("msd_bone_implant")
     deep = dn.load_pretrained("msd_deep_bone_implant")
-    try:
-        deep25 = dn.load_pretrained("msd_deep25d_bone_implant")
-    except ValueError:
-        deep25 = None
+    nets25 = {}
+    for which in NETS_25D:
+        try:
+            nets25[which] = dn.load_pretrained(which)
+        except ValueError:
+            print(f"{which}: not shipped, skipped", flush=True)
     n2i0 = dn.load_pretrained("msd_n2i_bone_implant")
     rows, gaps, gains, deep_gains = [], [], [], []
     for flux in fluxes:
@@ -78,11 +85,10 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
             res[DEEP] = (dn.evaluate(out, truth, mask=m), s)
             out, s = timed(deep, rec, progress=False, tta=True)
             res[DEEP_TTA] = (dn.evaluate(out, truth, mask=m), s)
-            if deep25 is not None:
-                out, s = timed(deep25, rec, progress=False)
-                res[DEEP25] = (dn.evaluate(out, truth, mask=m), s)
-                out, s = timed(deep25, rec, progress=False, tta=True)
-                res[DEEP25_TTA] = (dn.evaluate(out, truth, mask=m), s)
+            for which, net25 in nets25.items():
+                for tta in (False, True):
+                    out, s = timed(net25, rec, progress=False, tta=tta)
+                    res[name_25d(which, tta)] = (dn.evaluate(out, truth, mask=m), s)
             subs = dn.split_reconstructions(te["projections"], te["angles"], 2)
             pred, s = timed(lambda: np.mean([n2i0(subs[1 - j], progress=False) for j in range(2)], 0))
             res["Noise2Inverse K=2 (shipped, no fine-tune)"] = (dn.evaluate(pred, truth, mask=m), s)
@@ -97,8 +103,8 @@ def bench_denoise(fluxes, seeds, n2i_steps, lines):
             p_sup = res["MSD supervised (shipped)"][0]["psnr"]
             p_n2i = res[f"Noise2Inverse K=2 (fine-tuned {n2i_steps} steps on this scan)"][0]["psnr"]
             gains.append(p_sup - best_cl[0])
-            g = {name: res[name][0]["psnr"] - best_cl[0] for name in (DEEP, DEEP_TTA, DEEP25, DEEP25_TTA)
-                 if name in res}
+            g = {name: res[name][0]["psnr"] - best_cl[0]
+                 for name in (DEEP, DEEP_TTA, *(name_25d(w, t) for w in nets25 for t in (False, True)))}
             g.update({f"{name} vs per-slice": res[name][0]["psnr"] - best_2d[0] for name in (DEEP, DEEP_TTA)})
             deep_gains.append(g)
             gaps.append(p_sup - p_n2i)
