@@ -5,8 +5,9 @@
 #   OUT=/tmp/gs DEVICE=cpu BUDGET=60 bash scripts/gpu_session.sh     # a smoke run of the commands on a CPU
 #
 # Each job is the training script's own command, started from the shipped weights (--init) and
-# stopped by its wall-clock budget (data generation included; the best-by-validation weights are
-# saved before the budget ends). Three jobs share the GPU: more made every job 3-5x slower when
+# stopped by its wall-clock budget (data generation included). EmbedSeg and VolRAFT save their
+# best-by-validation weights; train_msd.py saves the weights it has when it stops and reports their
+# validation PSNR (its cosine schedule is sized by --steps, not by the budget). Three jobs share the GPU: more made every job 3-5x slower when
 # this was measured. Afterwards copy $OUT/<name>.pt over tomoml_nb/weights/<name>.pt ONLY if its
 # validation figure (in <name>.pt.json / <name>.json and the log) beats the shipped one, re-run
 # the benchmark on the CPU and update the model card.
