@@ -74,7 +74,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda'")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop each model's training after this many seconds (wall clock)")
+                    help="stop each model's training after this many seconds (wall clock); the cosine schedule "
+                         "anneals over this budget when it ends before --steps")
+    ap.add_argument("--keep-best", action="store_true",
+                    help="save the supervised weights of the best validation MSE (checked five times per run and "
+                         "at the end) instead of the last ones")
     ap.add_argument("--batch", type=int, default=4, help="patches per step")
     ap.add_argument("--patch", type=int, default=64, help="square patch size")
     ap.add_argument("--extra-train", type=int, default=0,
@@ -115,6 +119,7 @@ def main(argv=None):
         model = dn.train_supervised(X, Y, model=init, context=args.context, depth=args.depth, steps=steps,
                                     seed=args.seed, lr=args.lr, batch=args.batch, patch=args.patch,
                                     device=args.device, time_limit=args.budget_s, progress=False,
+                                    keep_best=args.keep_best,
                                     validation=(val["reconstruction"][::every], val["truth"][::every]))
         secs = time.perf_counter() - t
         m = dn.evaluate(model(val["reconstruction"], progress=False), val["truth"], mask=mask)
@@ -123,6 +128,8 @@ def main(argv=None):
         summary = {"strategy": "supervised", "steps": int(model.history.get("steps", steps)), "batch": args.batch,
                    "n_train_scans": len(train), "device": str(args.device), "init": args.init, "depth": args.depth,
                    "context": args.context, "widen_from": args.widen_from, "lr": args.lr, "seconds": round(secs, 1),
+                   "budget_s": args.budget_s, "keep_best": args.keep_best, "best": model.history.get("best"),
+                   "val_history": model.history.get("val"),
                    "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
         (out_dir / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary), flush=True)

@@ -55,8 +55,65 @@ def test_checkpoint_and_resume(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def _cosine(peak, position):
+    return peak * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(position, 1.0))))
+
+
+def test_cosine_schedule_over_steps_and_on_resume(tmp_path):
+    _, _, batches, loss_fn = _problem()
+    h = fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=20, lr=0.1, progress=False)
+    np.testing.assert_allclose(h["lr"], [_cosine(0.1, i / 20) for i in range(20)], rtol=1e-6)
+    # the checkpoint stores the optimizer at the floor of a 10-step run; resuming it for 20 steps
+    # continues from the middle of the longer schedule, not from the stored (floor) rate
+    ck = tmp_path / "ck.pt"
+    fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=10, lr=0.1, progress=False, checkpoint=ck)
+    h2 = fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=20, lr=0.1, progress=False, checkpoint=ck,
+             resume=True)
+    np.testing.assert_allclose(h2["lr"][10:], [_cosine(0.1, i / 20) for i in range(10, 20)], rtol=1e-6)
+
+
+def test_time_limit_anneals_the_schedule_before_it_stops():
+    import time
+
+    _, _, batches, loss_fn = _problem()
+
+    def slow(step, rng):
+        time.sleep(0.005)
+        return batches(step, rng)
+
+    h = fit(torch.nn.Linear(3, 1), slow, loss_fn, steps=100_000, lr=0.1, time_limit=0.5, progress=False)
+    assert 10 < h["steps"] < 100_000
+    lr = np.array(h["lr"])
+    assert lr[0] == pytest.approx(0.1) and lr[-1] < 0.1 * 0.06   # ended at the floor (5 %), not near the peak
+    assert np.all(np.diff(lr) <= 1e-12)
+
+
+def test_keep_best_restores_the_best_validated_weights():
+    _, _, batches, loss_fn = _problem()
+    scores, snapshots = iter([3.0, 1.0, 2.0, 5.0]), []
+
+    def validate(m):
+        snapshots.append(m.weight.detach().clone())
+        return next(scores)
+
+    m = torch.nn.Linear(3, 1)
+    h = fit(m, batches, loss_fn, steps=40, lr=0.05, progress=False, validate=validate, val_every=10,
+            keep_best=True)
+    assert h["best"] == (20, 1.0)
+    torch.testing.assert_close(m.weight.detach(), snapshots[1])
+    scores = iter([3.0, 1.0, 2.0, 5.0])
+    m = torch.nn.Linear(3, 1)
+    h = fit(m, batches, loss_fn, steps=40, lr=0.05, progress=False, validate=lambda _: next(scores), val_every=10,
+            keep_best=True, higher_is_better=True)
+    assert h["best"] == (40, 5.0)
+
+
 def test_bad_arguments():
     _, _, batches, loss_fn = _problem()
+    with pytest.raises(ValueError, match="scheduler"):
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, scheduler="step")
+    with pytest.raises(ValueError, match="time_limit"):
+        fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=2, time_limit=0)
     with pytest.raises(ValueError, match="steps"):
         fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=0)
     with pytest.raises(ValueError, match="device"):

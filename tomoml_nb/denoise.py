@@ -323,7 +323,7 @@ def _augment(x, y, rng):
 
 
 def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation, steps, patch, batch, lr,
-               val, device, seed, progress, time_limit, desc, strategy):
+               val, device, seed, progress, time_limit, desc, strategy, keep_best=False):
     """Train an MSD net on patches of (input, target) slice pairs.
 
     ``inputs`` are float32 (n, y, x) or, for a network with context, (n, c, y, x);
@@ -371,7 +371,8 @@ def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation
 
     with _threads():
         hist = fit(net, batches, loss_fn, steps=steps, lr=lr, device=device, seed=seed, progress=progress,
-                   desc=desc, validate=validate, val_every=max(steps // 5, 1), time_limit=time_limit)
+                   desc=desc, validate=validate, val_every=max(steps // 5, 1), time_limit=time_limit,
+                   keep_best=keep_best and validate is not None)
     net.cpu().eval()
     return net, hist
 
@@ -384,7 +385,7 @@ def _norm_stats(x):
 
 def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=1, max_dilation=10, steps=500,
                      patch=64, batch=4, lr=2e-3, validation=None, device="auto", seed=0, progress=True,
-                     time_limit=None):
+                     time_limit=None, keep_best=False):
     """Train a mixed-scale dense network to map noisy slices to clean ones.
 
     Parameters
@@ -408,7 +409,7 @@ def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=
         (cosine-decayed).
     validation : tuple (noisy_val, clean_val), optional
         Held-out slices (a volume or a list of volumes, as for ``noisy``); their MSE is
-        recorded in ``history["val"]``.
+        recorded in ``history["val"]`` (five times per run and at the end).
     device : str
         ``"auto"`` uses CUDA when available.
     seed : int
@@ -416,7 +417,11 @@ def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=
     progress : bool
         Show a tqdm bar.
     time_limit : float, optional
-        Stop after this many seconds.
+        Stop after this many seconds; the cosine schedule then anneals over the time budget
+        when it ends before ``steps`` (see :func:`tomoml_nb.train.fit`).
+    keep_best : bool
+        With ``validation``: return the weights of the lowest validation MSE seen instead
+        of the last ones.
 
     Returns
     -------
@@ -464,7 +469,7 @@ def train_supervised(noisy, clean, *, model=None, context=None, depth=50, width=
     net, hist = _fit_pairs(xn, yn, pair_index=pairs, model=model, depth=depth, width=width,
                            max_dilation=max_dilation, steps=steps, patch=patch, batch=batch, lr=lr, val=val,
                            device=device, seed=seed, progress=progress, time_limit=time_limit,
-                           desc="MSD supervised", strategy="supervised")
+                           desc="MSD supervised", strategy="supervised", keep_best=keep_best)
     info = {"strategy": "supervised", "steps": hist["steps"], "seconds": hist["seconds"], "patch": patch,
             "batch": batch, "lr": lr, "seed": seed, "n_slices": len(x), "context": context}
     return Denoiser(net, offset, scale, hist, info)

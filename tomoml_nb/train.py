@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import glob
+import math
 import os
 import random
 import time
@@ -226,7 +227,7 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
         weight_decay: float = 0.0, optimizer=None, scheduler: str | None = "cosine",
         validate: Callable | None = None, val_every: int = 50, checkpoint=None, checkpoint_every: int = 100,
         resume: bool = False, device="auto", seed: int = 0, progress: bool = True, desc: str = "training",
-        time_limit: float | None = None) -> dict:
+        time_limit: float | None = None, keep_best: bool = False, higher_is_better: bool = False) -> dict:
     """Train ``model`` for ``steps`` optimisation steps.
 
     Parameters
@@ -240,7 +241,10 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     lr, weight_decay : float
         AdamW settings (when ``optimizer`` is None).
     scheduler : {"cosine", None}
-        Learning-rate schedule over ``steps``.
+        Learning-rate schedule: cosine from ``lr`` down to ``0.05 * lr`` over ``steps`` -- or,
+        with ``time_limit``, over whichever runs out first, steps or time (the schedule's
+        position is the larger of the two fractions used), so a run stopped by its time
+        budget still ends annealed instead of mid-schedule.
     validate : callable ``(model) -> float``, optional
         Evaluated every ``val_every`` steps and at the end (model in eval mode, no grad);
         recorded in ``history["val"]``.
@@ -254,12 +258,36 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     device : str
         ``"auto"`` picks CUDA when available.
     time_limit : float, optional
-        Stop early after this many seconds (the history records where it stopped).
+        Stop early after this many seconds (the history records where it stopped). With the
+        cosine schedule, the remaining time also drives the schedule (see ``scheduler``), so
+        the number of steps then depends on the machine's speed.
+    keep_best : bool
+        With ``validate``: end with the weights of the best validation value seen (checked
+        every ``val_every`` steps and at the end) instead of the last ones; ``history``
+        records it as ``"best": (step, value)``.
+    higher_is_better : bool
+        Direction of ``validate``'s value for ``keep_best`` (False: a loss, lower is better).
 
     Returns
     -------
     dict
-        ``{"loss": [...], "val": [(step, value), ...], "steps": n_done, "seconds": t}``.
+        ``{"loss": [...], "val": [(step, value), ...], "steps": n_done, "seconds": t}``
+        (plus ``"best"`` with ``keep_best``).
+
+    Examples
+    --------
+    A time budget anneals the schedule to its floor, even when it stops the run early:
+
+    >>> import torch
+    >>> def batches(step, rng):
+    ...     x = torch.from_numpy(rng.normal(size=(8, 3)).astype("float32"))
+    ...     return x, x.sum(1, keepdim=True)
+    >>> def loss_fn(m, b):
+    ...     return torch.nn.functional.mse_loss(m(b[0]), b[1])
+    >>> h = fit(torch.nn.Linear(3, 1), batches, loss_fn, steps=10 ** 6, lr=0.1, time_limit=0.5,
+    ...         progress=False)
+    >>> h["steps"] < 10 ** 6, round(h["lr"][0], 3), round(h["lr"][-1], 3)
+    (True, 0.1, 0.005)
     """
     import torch
     from tqdm.auto import tqdm
@@ -273,23 +301,30 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     model.to(dev)
+    if scheduler not in ("cosine", None):
+        raise ValueError(f"scheduler: unknown {scheduler!r}; use 'cosine' or None")
+    if time_limit is not None:
+        check_positive(time_limit, "time_limit")
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05) \
-        if scheduler == "cosine" else None
-    history = {"loss": [], "val": []}
+    peak = [g["lr"] for g in opt.param_groups]  # before a checkpoint's optimizer state replaces them
+    history = {"loss": [], "val": [], "lr": []}
     start_step = 0
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, model, opt, map_location=dev)
         start_step = int(state.get("step", 0))
         history = state.get("history") or history
-        if sched is not None:
-            import warnings
-
-            with warnings.catch_warnings():  # fast-forwarding the schedule, not a misuse
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(start_step):
-                    sched.step()
+        history.setdefault("lr", [])
         rng = np.random.default_rng([seed, start_step])
+
+    def set_lr(position):
+        """Cosine from the peak rates (position 0) to 5 % of them (position >= 1)."""
+        if scheduler is None:
+            return
+        w = 0.5 * (1.0 + math.cos(math.pi * min(max(position, 0.0), 1.0)))
+        for g, top in zip(opt.param_groups, peak):
+            g["lr"] = top * (0.05 + 0.95 * w)
+
+    set_lr(start_step / steps)
 
     def to_dev(b):
         if isinstance(b, torch.Tensor):
@@ -300,6 +335,8 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
             return {k: to_dev(v) for k, v in b.items()}
         return b
 
+    best = {}
+
     def run_validation(step):
         if validate is None:
             return
@@ -308,6 +345,9 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
             value = float(validate(model))
         model.train()
         history["val"].append((step, value))
+        if keep_best and (not best or (value > best["value"] if higher_is_better else value < best["value"])):
+            best.update(step=step, value=value,
+                        state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
 
     t0 = time.perf_counter()
     model.train()
@@ -321,8 +361,11 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if sched is not None:
-            sched.step()
+        history["lr"].append(float(opt.param_groups[0]["lr"]))
+        done = (step + 1) / steps
+        if time_limit is not None:
+            done = max(done, (time.perf_counter() - t0) / time_limit)
+        set_lr(done)
         history["loss"].append(float(loss.detach()))
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(history['loss'][-10:]):.4f}")
@@ -338,6 +381,10 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     bar.close()
     if validate is not None and (not history["val"] or history["val"][-1][0] != step):
         run_validation(step)
+    if best and best["step"] != step:
+        model.load_state_dict(best["state"])
+    if best:
+        history["best"] = (best["step"], best["value"])
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, opt, step, history, overwrite=True)
     model.eval()
