@@ -5,10 +5,9 @@
 #   OUT=/tmp/gs DEVICE=cpu BUDGET=60 bash scripts/gpu_session.sh     # a smoke run of the commands on a CPU
 #
 # Each job is the training script's own command, started from the shipped weights (--init) and
-# stopped by its wall-clock budget (data generation included). EmbedSeg and VolRAFT save their
-# best-by-validation weights; train_msd.py saves the weights it has when it stops and reports their
-# validation PSNR (its cosine schedule is sized by --steps, not by the budget). Three jobs share the GPU: more made every job 3-5x slower when
-# this was measured. Afterwards copy $OUT/<name>.pt over tomoml_nb/weights/<name>.pt ONLY if its
+# stopped by its wall-clock budget (data generation included). Each saves its best-by-validation
+# weights (train_msd.py with --keep-best; its cosine schedule anneals over the budget when the budget
+# ends before --steps). Three jobs share the GPU: more made every job 3-5x slower when this was measured. Afterwards copy $OUT/<name>.pt over tomoml_nb/weights/<name>.pt ONLY if its
 # validation figure (in <name>.pt.json / <name>.json and the log) beats the shipped one, re-run
 # the benchmark on the CPU and update the model card.
 #
@@ -38,7 +37,7 @@ export PYTHONPATH=.
     --init tomoml_nb/weights/volraft_synthetic.pt --out "$OUT/volraft_synthetic.pt" > "$OUT/volraft.log" 2>&1 &
 cp tomoml_nb/weights/msd_deep25d2_bone_implant.pt "$OUT/"      # train_msd.py --init continues from --out
 "$PY" scripts/train_msd.py --which supervised --depth 100 --context 2 --steps 1500 --batch 16 --extra-train 12 \
-    --lr 5e-4 --device "$DEVICE" --budget-s "$BUDGET" --init --name msd_deep25d2_bone_implant --out "$OUT" \
+    --lr 5e-4 --device "$DEVICE" --budget-s "$BUDGET" --init --keep-best --name msd_deep25d2_bone_implant --out "$OUT" \
     > "$OUT/msd.log" 2>&1 &
 
 status=0
