@@ -88,7 +88,7 @@ def test_time_limit_anneals_the_schedule_before_it_stops():
     assert np.all(np.diff(lr) <= 1e-12)
 
 
-def test_keep_best_restores_the_best_validated_weights():
+def test_keep_best_restores_the_best_validated_weights(tmp_path):
     _, _, batches, loss_fn = _problem()
     scores, snapshots = iter([3.0, 1.0, 2.0, 5.0]), []
 
@@ -97,10 +97,14 @@ def test_keep_best_restores_the_best_validated_weights():
         return next(scores)
 
     m = torch.nn.Linear(3, 1)
+    ck = tmp_path / "ck.pt"
     h = fit(m, batches, loss_fn, steps=40, lr=0.05, progress=False, validate=validate, val_every=10,
-            keep_best=True)
+            keep_best=True, checkpoint=ck)
     assert h["best"] == (20, 1.0)
     torch.testing.assert_close(m.weight.detach(), snapshots[1])
+    state = load_checkpoint(ck)                          # the checkpoint keeps the last state, for resuming
+    assert state["step"] == 40
+    torch.testing.assert_close(state["model"]["weight"], snapshots[3])
     scores = iter([3.0, 1.0, 2.0, 5.0])
     m = torch.nn.Linear(3, 1)
     h = fit(m, batches, loss_fn, steps=40, lr=0.05, progress=False, validate=lambda _: next(scores), val_every=10,

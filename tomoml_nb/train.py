@@ -264,7 +264,8 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     keep_best : bool
         With ``validate``: end with the weights of the best validation value seen (checked
         every ``val_every`` steps and at the end) instead of the last ones; ``history``
-        records it as ``"best": (step, value)``.
+        records it as ``"best": (step, value)``. A ``checkpoint`` keeps the last state (for
+        ``resume``).
     higher_is_better : bool
         Direction of ``validate``'s value for ``keep_best`` (False: a loss, lower is better).
 
@@ -381,12 +382,12 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     bar.close()
     if validate is not None and (not history["val"] or history["val"][-1][0] != step):
         run_validation(step)
-    if best and best["step"] != step:
-        model.load_state_dict(best["state"])
     if best:
         history["best"] = (best["step"], best["value"])
-    if checkpoint is not None:
+    if checkpoint is not None:   # the last state, so that a resumed run continues where this one stopped
         save_checkpoint(checkpoint, model, opt, step, history, overwrite=True)
+    if best and best["step"] != step:
+        model.load_state_dict(best["state"])
     model.eval()
     history["steps"] = step
     history["seconds"] = time.perf_counter() - t0
