@@ -7,7 +7,8 @@
 # Each job is the training script's own command, started from the shipped weights (--init) and
 # stopped by its wall-clock budget (data generation included). Each saves its best-by-validation
 # weights (train_msd.py with --keep-best; its cosine schedule anneals over the budget when the budget
-# ends before --steps). Three jobs share the GPU: more made every job 3-5x slower when this was measured. Afterwards copy $OUT/<name>.pt over tomoml_nb/weights/<name>.pt ONLY if its
+# ends before --steps). Three jobs share the GPU: more made every job 3-5x slower when this was
+# measured. Afterwards copy $OUT/<name>.pt over tomoml_nb/weights/<name>.pt ONLY if its
 # validation figure (in <name>.pt.json / <name>.json and the log) beats the shipped one, re-run
 # the benchmark on the CPU and update the model card.
 #

@@ -372,7 +372,7 @@ def _fit_pairs(inputs, targets, *, pair_index, model, depth, width, max_dilation
     with _threads():
         hist = fit(net, batches, loss_fn, steps=steps, lr=lr, device=device, seed=seed, progress=progress,
                    desc=desc, validate=validate, val_every=max(steps // 5, 1), time_limit=time_limit,
-                   keep_best=keep_best and validate is not None)
+                   keep_best=keep_best)
     net.cpu().eval()
     return net, hist
 

@@ -272,8 +272,9 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
     Returns
     -------
     dict
-        ``{"loss": [...], "val": [(step, value), ...], "steps": n_done, "seconds": t}``
-        (plus ``"best"`` with ``keep_best``).
+        ``{"loss": [...], "lr": [...], "val": [(step, value), ...], "steps": n_done,
+        "seconds": t}`` (``lr``: the first parameter group's rate at each step; plus ``"best"``
+        with ``keep_best``).
 
     Examples
     --------
@@ -297,15 +298,15 @@ def fit(model, batches: Callable, loss_fn: Callable, *, steps: int = 100, lr: fl
 
     check_positive(steps, "steps", integer=True)
     check_positive(lr, "lr")
+    if scheduler not in ("cosine", None):
+        raise ValueError(f"scheduler: unknown {scheduler!r}; use 'cosine' or None")
+    if time_limit is not None:
+        check_positive(time_limit, "time_limit")
     checkpoint = check_checkpoint_path(checkpoint, resume)
     dev = resolve_device(device)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     model.to(dev)
-    if scheduler not in ("cosine", None):
-        raise ValueError(f"scheduler: unknown {scheduler!r}; use 'cosine' or None")
-    if time_limit is not None:
-        check_positive(time_limit, "time_limit")
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     peak = [g["lr"] for g in opt.param_groups]  # before a checkpoint's optimizer state replaces them
     history = {"loss": [], "val": [], "lr": []}
