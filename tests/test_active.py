@@ -330,3 +330,33 @@ def test_seed_none_draws_a_seed_and_bad_seeds_are_named(phantom):
         active.ActiveLearner(phantom.image, 5, seed="abc", **SMALL)
     with pytest.raises(TypeError, match=r"^seed"):
         active.ActiveLearner(phantom.image, 5, seed=1.5, **SMALL)
+
+
+def test_error_oracle_scores_the_true_error_and_queries_where_the_network_is_wrong(phantom):
+    lab = phantom.labels
+    score = active.error_oracle(lab)
+    truth = lab[:, 9, :]
+    p = np.zeros((5,) + truth.shape, np.float32)
+    np.put_along_axis(p, truth[None].astype(np.int64), 1.0, axis=0)          # a perfect prediction...
+    assert score(p, ("y", 9)) == 0.0
+    p[:, :4] = 0.0
+    p[0, :4] = 1.0                                                           # ...wrong wherever rows 0-3 are not class 0
+    assert score(p, ("y", 9)) == pytest.approx(float((truth[:4] != 0).sum()) / truth.size)
+    with pytest.raises(ValueError, match=r"^probabilities"):
+        score(p[:, :3], ("y", 9))
+    with pytest.raises(ValueError, match=r"^labels"):
+        active.error_oracle(lab[0])
+
+    # as a strategy: after a round, the query is the candidate with the largest true error
+    learner = active.ActiveLearner(phantom.image, 5, strategy=score, stride=4, balance_axes=False, seed=1,
+                                   candidates=100, **SMALL)
+    assert "error oracle" in repr(learner)
+    annotate = active.oracle(lab)
+    learner.step(annotate)
+    q = learner.query()[0]
+    errors = {k: score(learner.probabilities(k), k) for k in learner.available()}
+    assert q.key == max(errors, key=errors.get) and q.score == pytest.approx(errors[q.key])
+    res = active.run_active_learning(phantom.image, lab, strategy=score, n_rounds=1, seed=1, **SMALL)
+    assert res["strategy"] == "error oracle"
+    with pytest.raises(ValueError, match=r"^strategy: a callable"):
+        active.ActiveLearner(phantom.image, 5, strategy=score, region=8, **SMALL)

@@ -39,7 +39,7 @@ import numpy as np
 from ._validate import as_array, check_choice, check_positive, rng_from
 from .segment import AXES, UNLABELLED, _check_axes, _check_label_array, normalize_intensity
 
-__all__ = ["STRATEGIES", "Query", "uncertainty", "oracle", "ActiveLearner", "run_active_learning",
+__all__ = ["STRATEGIES", "Query", "uncertainty", "oracle", "error_oracle", "ActiveLearner", "run_active_learning",
            "annotations_to_reach", "plot_learning_curves"]
 
 #: Query strategies: two uncertainty measures and the random control.
@@ -136,6 +136,52 @@ def oracle(labels):
     return annotate
 
 
+def error_oracle(labels):
+    """A query strategy that knows the truth: score = the current network's error on the slice.
+
+    Uncertainty sampling estimates where the network is wrong; this strategy *knows* it (the
+    share of the slice's pixels whose predicted class differs from ``labels``). It is the
+    ideal version of uncertainty sampling, an upper bound for benchmarks -- not something a
+    user can run on unlabelled data. Pass it as ``strategy`` to :class:`ActiveLearner` or
+    :func:`run_active_learning` (slice mode only).
+
+    Parameters
+    ----------
+    labels : array_like, 3D
+        Ground truth of the pool volume.
+
+    Returns
+    -------
+    callable ``score(probabilities, query) -> float`` (higher = asked first), named ``"error oracle"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> truth = np.zeros((2, 2, 2), int)
+    >>> p = np.zeros((2, 2, 2)); p[1, 0, 0] = 1; p[0] = 1 - p[1]       # one of four pixels wrong
+    >>> error_oracle(truth)(p, ("z", 0))
+    0.25
+    """
+    lab = _check_label_array(labels, "labels")
+    if lab.ndim != 3:
+        raise ValueError(f"labels: expected a 3D label volume, got {lab.ndim}D")
+
+    def score(probabilities, query):
+        q = _as_query(query)
+        truth = np.take(lab, q.index, axis=AXES.index(q.axis))
+        pred = np.asarray(probabilities).argmax(0)
+        if pred.shape != truth.shape:
+            raise ValueError(f"probabilities: slice shape {pred.shape} differs from the labels' {truth.shape} ({q})")
+        return float((pred != truth).mean())
+
+    score.__name__ = score.__qualname__ = "error oracle"
+    return score
+
+
+def _strategy_name(strategy):
+    return strategy if isinstance(strategy, str) else getattr(strategy, "__name__", "custom")
+
+
 class ActiveLearner:
     """Pool-based active learning of a 2D U-Net on the slices of one volume.
 
@@ -145,9 +191,12 @@ class ActiveLearner:
         The (unlabelled) volume to segment; its slices form the pool.
     n_classes : int >= 2
         Number of classes.
-    strategy : {"entropy", "margin", "random"}
+    strategy : {"entropy", "margin", "random"} or callable
         How the next slice is chosen. Before the first annotation every strategy
-        picks at random (the same slice for the same ``seed``).
+        picks at random (the same slice for the same ``seed``). A callable
+        ``score(probabilities, query) -> float`` (probabilities ``(C, h, w)`` of the
+        current network on the candidate slice; higher = asked first) plugs in another
+        measure, e.g. :func:`error_oracle` in benchmarks; slice mode only.
     axes : sequence of {"z", "y", "x"}
         Slicing directions of the pool.
     stride : int
@@ -220,7 +269,13 @@ class ActiveLearner:
         if n_classes < 2:
             raise ValueError(f"n_classes: need at least 2 classes, got {n_classes}")
         self.n_classes = n_classes
-        self.strategy = check_choice(strategy, "strategy", STRATEGIES)
+        if callable(strategy):
+            if region is not None:
+                raise ValueError("strategy: a callable strategy scores whole slices; region mode needs "
+                                 f"one of {STRATEGIES}")
+            self.strategy = strategy
+        else:
+            self.strategy = check_choice(strategy, "strategy", STRATEGIES)
         self.axes = _check_axes(axes)
         self.stride = check_positive(stride, "stride", integer=True)
         self.region = None if region is None else check_positive(region, "region", integer=True)
@@ -270,7 +325,8 @@ class ActiveLearner:
 
     # ---------------------------------------------------------------- pool and slices
     def __repr__(self):
-        return (f"ActiveLearner(volume={self.volume.shape}, n_classes={self.n_classes}, strategy={self.strategy!r}, "
+        return (f"ActiveLearner(volume={self.volume.shape}, n_classes={self.n_classes}, "
+                f"strategy={_strategy_name(self.strategy)!r}, "
                 f"pool={len(self.pool)} slices, annotated={self.n_annotated})")
 
     @property
@@ -388,6 +444,8 @@ class ActiveLearner:
         q = _as_query(query)
         if self.strategy == "random" or self.model is None:
             return float("nan")
+        if callable(self.strategy):
+            return float(self.strategy(self.probabilities(q), q))
         u = uncertainty(self.probabilities(q), self.strategy)
         if self.reduce == "top":
             flat = np.sort(u.ravel())
@@ -596,7 +654,8 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     ----------
     volume, labels : array_like, 3D
         Pool volume and its ground truth (read only by the oracle, slice by slice).
-    strategy : {"entropy", "margin", "random"}
+    strategy : {"entropy", "margin", "random"} or callable
+        See :class:`ActiveLearner` (e.g. :func:`error_oracle` for the ideal uncertainty).
     n_rounds : int
         Rounds of query -> annotate -> retrain.
     per_round : int
@@ -648,13 +707,12 @@ def run_active_learning(volume, labels, *, strategy="entropy", n_rounds=10, per_
     n_classes = learner_kwargs.pop("n_classes", int(max(lab.max(), eval_truth.max())) + 1)
     learner = ActiveLearner(vol, n_classes, strategy=strategy, seed=seed, progress=False, **learner_kwargs)
     annotate = oracle(lab)
-    out = {"strategy": strategy, "n_annotated": [], "annotated_pixels": [], "mean_iou": [], "iou_per_class": [],
-           "queries": [],
-           "seconds": [], "evaluated_on": where}
+    out = {"strategy": _strategy_name(strategy), "n_annotated": [], "annotated_pixels": [], "mean_iou": [],
+           "iou_per_class": [], "queries": [], "seconds": [], "evaluated_on": where}
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    for r in tqdm(range(n_rounds), desc=f"active learning ({strategy})", disable=not progress):
+    for r in tqdm(range(n_rounds), desc=f"active learning ({_strategy_name(strategy)})", disable=not progress):
         if not learner.available():
             warnings.warn(f"pool: every slice of the pool is annotated after {r} of {n_rounds} rounds; stopping "
                           "early (lower stride for a larger pool)", UserWarning, stacklevel=2)
