@@ -9,16 +9,22 @@ Measures, side by side in one run:
    used for training) for multi-Otsu thresholds, a random-forest pixel classifier on 3D
    filter features, and the shipped 2D U-Net along z, y, x and fused (mean, geometric,
    majority); training and inference seconds;
-2. the time of a three-axis U-Net prediction of a 256^3 volume on this machine.
+2. the time of a three-axis U-Net prediction of a 256^3 volume on this machine;
+3. peak memory (a fresh process per size) of the whole-volume ``segment.predict`` vs the block-wise
+   ``segment.predict_blockwise`` reading and writing zarr arrays, 128^3 to 384^3 (``--memory-sizes``),
+   and how many voxels the two label maps share.
 
 Writes ``benchmarks/results/segmentation.md`` and prints it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,16 +103,73 @@ def speed(quick):
     return float(np.median(times)), len(times), float(np.nanmean(metrics.iou_per_class(lab, ph.labels, 5)))
 
 
+MEM_MAKE = r"""
+import sys, numpy as np, zarr
+sys.path.insert(0, {root!r})
+from tomoml_nb import phantoms
+img = phantoms.bone_implant(({n}, {n}, {n}), seed=7301, degradation=0.6, degradation_seed=95).image
+np.save({npy!r}, img)
+zarr.open({src!r}, mode="w", shape=img.shape, chunks=(64, 64, 64), dtype="f4")[...] = img
+"""
+
+MEM_RUN = r"""
+import json, resource, sys, time
+import numpy as np, zarr
+sys.path.insert(0, {root!r})
+from tomoml_nb import segment
+net = segment.load_pretrained()
+t = time.perf_counter()
+if {mode!r} == "whole":
+    lab, _ = segment.predict(np.load({npy!r}), net, progress=False)
+    np.save({lab!r}, lab)
+else:
+    src = zarr.open({src!r}, mode="r")
+    dst = zarr.open({dst!r}, mode="w", shape=src.shape, chunks=(64, 64, 64), dtype="u1")
+    segment.predict_blockwise(src, net, dst, progress=False)
+sec = time.perf_counter() - t
+print(json.dumps({{"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": sec}}))
+"""
+
+
+def memory(sizes):
+    """Peak RSS and seconds of whole-volume vs block-wise prediction, one fresh process per run."""
+    import zarr
+
+    root = str(HERE.parent)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            f = {k: os.path.join(tmp, f"{k}{n}") for k in ("npy", "src", "dst", "lab")}
+            f["npy"] += ".npy"
+            f["lab"] += ".npy"
+            subprocess.run([sys.executable, "-c", MEM_MAKE.format(root=root, n=n, **f)], check=True)
+            res = {}
+            for mode in ("whole", "blockwise"):
+                print(f"memory: {n}^3 {mode} ...", flush=True)
+                out = subprocess.run([sys.executable, "-c", MEM_RUN.format(root=root, mode=mode, **f)], check=True,
+                                     capture_output=True, text=True)
+                res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            agree = float((np.load(f["lab"]) == zarr.open(f["dst"], mode="r")[...]).mean())
+            rows.append((n, res, agree))
+            print(f"  {n}^3: whole {res['whole']['maxrss_mb']:.0f} MB / blockwise {res['blockwise']['maxrss_mb']:.0f}"
+                  f" MB, labels agree on {100 * agree:.3f} %", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--memory-sizes", type=int, nargs="*", default=None,
+                    help="edge lengths of the memory comparison (default 128 256 384; --quick 64 96; none: skip)")
     args = ap.parse_args(argv)
+    sizes = args.memory_sizes if args.memory_sizes is not None else ([64, 96] if args.quick else [128, 256, 384])
     t_all = time.perf_counter()
     held_out = HELD_OUT if not args.quick else [((64, 64, 64), 7001, 0.6, 81)]
     print("accuracy on held-out phantoms ...", flush=True)
     methods, iou, secs, train_s, fw = accuracy(held_out, args.quick)
     print("256^3 speed ...", flush=True)
     t256, n256, iou256 = speed(args.quick)
+    mem = memory(sizes) if sizes else []
 
     import torch
 
@@ -162,6 +225,20 @@ def main(argv=None):
                 "(equal-weight fusion still gains on the other classes)."))
     L.append(f"- 256³ volume, three-axis prediction on CPU in under a minute: **{t256:.1f} s** (median of {n256}; "
              f"mean IoU on that phantom {iou256:.3f}) — **{'MET' if t256 < 60 else 'NOT MET'}**.")
+    if mem:
+        L += ["", "### Memory: whole volume vs block-wise (volumes larger than RAM)", "",
+              "`segment.predict` on a numpy volume vs `segment.predict_blockwise` (blocks (64, 256, 256), margin 32, "
+              "the volume read from and the labels written to zarr arrays) with the shipped U-Net, three axes fused; "
+              "phantom `bone_implant(n³, seed=7301, degradation=0.6, degradation_seed=95)`; peak resident memory of "
+              "a fresh process per run (`ru_maxrss`, includes Python, torch and the network, about 300 MB).", "",
+              "| volume | whole: peak RSS (MB) | whole: s | block-wise: peak RSS (MB) | block-wise: s "
+              "| labels equal |", "|---|---|---|---|---|---|"]
+        L += [f"| {n}³ | {r['whole']['maxrss_mb']:.0f} | {r['whole']['seconds']:.0f} | "
+              f"{r['blockwise']['maxrss_mb']:.0f} | {r['blockwise']['seconds']:.0f} | {100 * a:.3f} % |"
+              for n, r, a in mem]
+        L += ["", "The whole-volume prediction keeps the volume and the per-axis probability maps in memory "
+              "(grows with the volume); the block-wise one holds one block with its margin (bounded by the block). "
+              "The block-wise run repeats the margins' work, so it is slower."]
     text = "\n".join(L) + "\n"
     out = HERE / "results" / "segmentation.md"
     out.parent.mkdir(exist_ok=True)

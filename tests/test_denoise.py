@@ -387,3 +387,36 @@ def test_bm4d_filters_the_volume_jointly():
     assert best["strength"] in (0.5, 1.0)
     with pytest.raises(ValueError, match="volume"):
         dn.classical_filter(noisy[0], "bm4d", 1.0)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_chunked_denoising_into_out_equals_one_pass(tmp_path, tta):
+    import zarr
+
+    torch.manual_seed(1)
+    net = MSDNet(in_channels=5, depth=5)                       # reads 2 slices on each side
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model = dn.Denoiser(net, 0.1, 2.0)
+    vol = np.random.default_rng(3).random((11, 16, 16)).astype(np.float32)
+    ref = dn.denoise(vol, model, progress=False, tta=tta)
+    src = zarr.open(str(tmp_path / "v.zarr"), mode="w", shape=vol.shape, chunks=(3, 16, 16), dtype="f4")
+    src[...] = vol
+    dst = zarr.open(str(tmp_path / "o.zarr"), mode="w", shape=vol.shape, chunks=(3, 16, 16), dtype="f4")
+    # chunks of 3 slices: every chunk needs its neighbours from the next chunks, the last one is short
+    assert dn.denoise(src, model, out=dst, chunk=3, progress=False, tta=tta) is dst
+    np.testing.assert_allclose(dst[...], ref, atol=1e-5)
+    np.testing.assert_allclose(dn.denoise(vol, model, chunk=4, progress=False, tta=tta), ref, atol=1e-5)
+
+
+def test_chunked_denoising_validates():
+    model = dn.Denoiser(MSDNet(depth=3), 0.0, 1.0)
+    vol = np.zeros((4, 16, 16), np.float32)
+    with pytest.raises(ValueError, match=r"^out: shape"):
+        dn.denoise(vol, model, out=np.zeros((4, 16, 15), np.float32), progress=False)
+    with pytest.raises(TypeError, match=r"^out: expected a float"):
+        dn.denoise(vol, model, out=np.zeros(vol.shape, np.uint16), progress=False)
+    with pytest.raises(ValueError, match=r"^chunk"):
+        dn.denoise(vol, model, chunk=0, progress=False)
+    with pytest.raises(ValueError, match=r"^volume: out= and chunk= need a 3D"):
+        dn.denoise(vol[0], model, chunk=2, progress=False)

@@ -406,3 +406,51 @@ def test_resume_from_another_architecture_names_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="^checkpoint: .*different network"):
         segment.train_unet(img, lab, steps=4, checkpoint=ck, resume=True, val_fraction=0,
                            **{**TINY, "channels": (8, 16)})
+
+
+# --------------------------------------------------------------------------- volumes larger than memory
+def test_predict_blockwise_matches_whole_volume_prediction(tmp_path):
+    import zarr
+
+    from tomoml_nb.tiling import robust_range
+
+    ph = phantoms.bone_implant((48, 64, 64), seed=90211, degradation=0.6, degradation_seed=778)
+    net = segment.load_pretrained()
+    rng = robust_range(ph.image, (0.5, 99.5))
+    whole, prob = segment.predict(ph.image, net, intensity_range=rng, progress=False)
+    # a margin that covers the volume: every block sees all of it -> identical to one pass
+    lab = segment.predict_blockwise(ph.image, net, block_shape=(24, 32, 32), margin=64, progress=False)
+    np.testing.assert_array_equal(lab, whole)
+    # the default margin (32): blocks are cut in every axis, labels agree almost everywhere
+    src = zarr.open(str(tmp_path / "vol.zarr"), mode="w", shape=ph.image.shape, chunks=(16, 32, 32), dtype="f4")
+    src[...] = ph.image
+    dst = zarr.open(str(tmp_path / "lab.zarr"), mode="w", shape=ph.image.shape, chunks=(16, 32, 32), dtype="u1")
+    pz = np.zeros(prob.shape, np.float32)
+    out = segment.predict_blockwise(src, net, dst, probabilities=pz, block_shape=(16, 32, 32), progress=False)
+    assert out is dst
+    assert (dst[...] == whole).mean() > 0.999
+    np.testing.assert_allclose(pz.sum(0), 1.0, atol=1e-4)
+    assert (pz.argmax(0) == dst[...]).all()
+    # a thin margin is an approximation of the whole-volume result, still close
+    thin = segment.predict_blockwise(ph.image, net, block_shape=(16, 32, 32), margin=4, progress=False)
+    assert 0.95 < (thin == whole).mean() < (dst[...] == whole).mean() + 1e-9
+
+
+def test_predict_blockwise_validates(tiny_net):
+    vol = np.random.default_rng(0).random((8, 16, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^volume: expected a 3D"):
+        segment.predict_blockwise(vol[0], tiny_net, progress=False)
+    with pytest.raises(ValueError, match=r"^out: shape"):
+        segment.predict_blockwise(vol, tiny_net, np.zeros((8, 16, 15), np.uint8), progress=False)
+    with pytest.raises(TypeError, match=r"^out: dtype float32"):
+        segment.predict_blockwise(vol, tiny_net, np.zeros(vol.shape, np.float32), progress=False)
+    with pytest.raises(ValueError, match=r"^probabilities"):
+        segment.predict_blockwise(vol, tiny_net, probabilities=np.zeros((3,) + vol.shape, np.float32),
+                                  progress=False)
+    with pytest.raises(ValueError, match=r"^block_shape"):
+        segment.predict_blockwise(vol, tiny_net, block_shape=(0, 8, 8), progress=False)
+    bad = vol.copy()
+    bad[7, 15, 15] = np.nan
+    with pytest.raises(ValueError, match=r"^volume: contains NaN"):
+        segment.predict_blockwise(bad, tiny_net, block_shape=4, margin=0, intensity_range=(0.0, 1.0),
+                                  progress=False)

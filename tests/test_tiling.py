@@ -63,3 +63,48 @@ def test_weights_and_errors():
         sliding_window(np.zeros((8, 8)), lambda p: p[:2], (4, 4), progress=False)
     with pytest.raises(ValueError, match="blend"):
         sliding_window(np.zeros((8, 8)), lambda p: p, (4, 4), blend="max")
+
+
+def test_blockwise_equals_a_local_filter_and_writes_into_out(tmp_path):
+    import zarr
+    from scipy import ndimage as ndi
+
+    from tomoml_nb.tiling import block_grid, blockwise
+
+    vol = np.random.default_rng(2).random((21, 30, 17)).astype(np.float32)
+    ref = ndi.uniform_filter(vol, 5)
+    for block in ((8, 8, 8), (21, 30, 17), 5):
+        res = blockwise(vol, lambda b: ndi.uniform_filter(b, 5), block, margin=2, progress=False)
+        np.testing.assert_allclose(res, ref, atol=1e-6)
+    # too little context is visible at block faces
+    assert not np.allclose(blockwise(vol, lambda b: ndi.uniform_filter(b, 5), 8, margin=1, progress=False), ref)
+    # channels and a zarr output
+    z = zarr.open(str(tmp_path / "o.zarr"), mode="w", shape=(2,) + vol.shape, chunks=(1, 8, 8, 8), dtype="f4")
+    assert blockwise(vol, lambda b: np.stack([b, -b]), (8, 16, 16), out=z, progress=False) is z
+    np.testing.assert_array_equal(z[1], -vol)
+    # every voxel belongs to exactly one core
+    count = np.zeros(vol.shape, int)
+    for read, core, local in block_grid(vol.shape, (8, 7, 9), 3):
+        count[core] += 1
+        assert all(r.start <= c.start and c.stop <= r.stop for r, c in zip(read, core))
+    assert (count == 1).all()
+
+
+def test_blockwise_and_robust_range_validate():
+    from tomoml_nb.tiling import blockwise, robust_range
+
+    vol = np.zeros((6, 6, 6), np.float32)
+    with pytest.raises(ValueError, match=r"^fn: returned shape"):
+        blockwise(vol, lambda b: b[:-1], 3, progress=False)
+    with pytest.raises(ValueError, match=r"^out: shape"):
+        blockwise(vol, lambda b: b, 3, out=np.zeros((6, 6, 5)), progress=False)
+    with pytest.raises(ValueError, match=r"^block_shape"):
+        blockwise(vol, lambda b: b, (3, 0, 3), progress=False)
+    with pytest.raises(ValueError, match=r"^margin"):
+        blockwise(vol, lambda b: b, 3, margin=-1, progress=False)
+    with pytest.raises(TypeError, match=r"^fn"):
+        blockwise(vol, None, 3, progress=False)
+    assert robust_range(vol) == (0.0, 1.0)                      # constant: a unit range, no division by zero
+    vol[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"^volume: contains NaN"):
+        robust_range(vol)

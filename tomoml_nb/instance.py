@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ._validate import as_array, check_choice, check_label_out, check_positive, rng_from
+from .tiling import robust_range
 
 __all__ = ["segment_instances", "predict_embeddings", "cluster_embeddings", "train", "embedseg_loss",
            "watershed_instances", "tune_watershed", "evaluate", "object_sizes", "plot_size_distributions",
@@ -103,20 +104,8 @@ def normalize(volume, percentiles=(0.5, 99.5), *, sample=2_000_000):
     >>> round(float(v.min()), 3), round(float(v.max()), 3)
     (-0.005, 1.005)
     """
-    lo, hi = _percentile_range(volume, percentiles, sample)
+    lo, hi = robust_range(volume, percentiles, sample)
     return ((np.asarray(volume, np.float32) - lo) / (hi - lo)).astype(np.float32)
-
-
-def _percentile_range(volume, percentiles=(0.5, 99.5), sample=2_000_000):
-    shape = np.shape(volume)
-    step = max(1, int(math.ceil((np.prod(shape) / sample) ** (1 / len(shape)))))
-    sub = np.asarray(volume[tuple(slice(None, None, step) for _ in shape)], np.float64)
-    if not np.all(np.isfinite(sub)):
-        raise ValueError("volume: contains NaN or infinite values")
-    lo, hi = np.percentile(sub, percentiles)
-    if hi <= lo:
-        hi = lo + 1.0
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- network I/O
@@ -520,7 +509,7 @@ def segment_instances(volume, model="pretrained", tile_shape=None, overlap=None,
     for k, v in (("fg_threshold", fg_threshold), ("seed_threshold", seed_threshold), ("min_size", min_size)):
         if v is not None:
             cluster[k] = v
-    lo, hi = _percentile_range(volume)           # one normalisation for every tile (also checks NaN)
+    lo, hi = robust_range(volume)           # one normalisation for every tile (also checks NaN)
 
     def labeller(block):
         block = np.asarray(block, np.float32)

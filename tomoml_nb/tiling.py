@@ -5,6 +5,10 @@ overlapping patches and blended with Gaussian weights, accumulated on the CPU, s
 memory follows the patch size, not the volume. The input may be any array that supports
 slicing (numpy, zarr, dask, h5py datasets): only one patch is read at a time.
 
+For volumes larger than memory, :func:`blockwise` reads one block (plus a margin of
+context) at a time and writes only its core into an output array that may live on disk
+(zarr, h5py, ``np.memmap``); :func:`robust_range` gives one normalisation for all blocks.
+
 Examples
 --------
 >>> import numpy as np
@@ -16,11 +20,12 @@ Examples
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["patch_starts", "patch_grid", "gaussian_weight", "sliding_window"]
+__all__ = ["patch_starts", "patch_grid", "gaussian_weight", "sliding_window", "robust_range", "block_grid", "blockwise"]
 
 
 def patch_starts(size: int, patch: int, overlap: int) -> list[int]:
@@ -161,6 +166,152 @@ def sliding_window(volume, fn: Callable, patch_shape, overlap=None, *, blend: st
     covered = wsum > 0
     out[:, covered] /= wsum[covered]
     out[:, ~covered] = fill_value
+    return out
+
+
+# --------------------------------------------------------------------------- volumes larger than memory
+def robust_range(volume, percentiles=(0.5, 99.5), sample=2_000_000):
+    """Grey values at two percentiles, from a strided subsample (works on zarr, h5py, dask).
+
+    Reading every ``step``-th voxel along each axis keeps the cost bounded for volumes
+    larger than memory; the same range then normalises every block of the volume alike.
+
+    Parameters
+    ----------
+    volume : array_like (any sliceable array)
+    percentiles : (float, float)
+    sample : int
+        About how many voxels are read.
+
+    Returns
+    -------
+    (float, float)
+        ``(lo, hi)`` with ``hi > lo`` (``lo + 1`` for a constant volume).
+
+    Raises
+    ------
+    ValueError
+        ``volume`` is empty or holds NaN or infinite values (in the subsample).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> robust_range(np.arange(1000.0).reshape(10, 10, 10), (0, 100))
+    (0.0, 999.0)
+    """
+    shape = np.shape(volume)
+    if not shape or int(np.prod(shape)) == 0:
+        raise ValueError(f"volume: expected a non-empty array, got shape {shape}")
+    step = max(1, int(math.ceil((np.prod(shape) / sample) ** (1 / len(shape)))))
+    sub = np.asarray(volume[tuple(slice(None, None, step) for _ in shape)], np.float64)
+    if not np.all(np.isfinite(sub)):
+        raise ValueError("volume: contains NaN or infinite values")
+    lo, hi = np.percentile(sub, percentiles)
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def block_grid(shape, block_shape, margin=0):
+    """Non-overlapping cores of a block grid, each with the region to read around it.
+
+    Returns
+    -------
+    list of (read, core, local)
+        Slice tuples: ``read`` = the core plus ``margin`` (clipped to ``shape``), ``core``
+        = the voxels the block owns, ``local`` = the core inside the read region.
+
+    Examples
+    --------
+    >>> read, core, local = block_grid((10,), (4,), 2)[1]
+    >>> read, core, local
+    ((slice(2, 10, None),), (slice(4, 8, None),), (slice(2, 6, None),))
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    block = _per_axis(block_shape, nd, "block_shape")
+    if min(block) < 1:
+        raise ValueError(f"block_shape: every axis needs at least 1 voxel, got {block}")
+    margin = _per_axis(margin, nd, "margin")
+    grid = []
+    for st in itertools.product(*[range(0, s, b) for s, b in zip(shape, block)]):
+        core = tuple(slice(a, min(a + b, s)) for a, b, s in zip(st, block, shape))
+        read = tuple(slice(max(0, c.start - m), min(s, c.stop + m)) for c, m, s in zip(core, margin, shape))
+        local = tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(core, read))
+        grid.append((read, core, local))
+    return grid
+
+
+def blockwise(volume, fn: Callable, block_shape, margin=0, *, out=None, out_channels: int | None = None,
+              dtype=np.float32, progress: bool = True, desc: str = "blocks"):
+    """Apply ``fn`` block by block, each block read with a margin of context, and write the cores.
+
+    The volume is cut into non-overlapping blocks (the *cores*, :func:`block_grid`); each is
+    read together with ``margin`` voxels of its neighbours on every side (fewer at the
+    volume's edges), ``fn`` maps that padded block to an output of the same spatial shape,
+    and only the core of the result is written. Every voxel is computed once, from the block
+    that owns it. The result equals ``fn(volume)`` whenever ``fn`` looks at most ``margin``
+    voxels away (a filter, a per-slice network along an axis that is not cut, ...); for a
+    network with a larger receptive field it is an approximation that improves with ``margin``.
+
+    Only one padded block is in memory at a time: with ``out`` a zarr (or h5py, or
+    memory-mapped) array, volumes larger than memory can be processed.
+
+    Parameters
+    ----------
+    volume : array_like
+        Anything sliceable; blocks are read with ``np.asarray(volume[slices])``.
+    fn : callable ``block -> array``
+        Returns ``(*block.shape)`` or ``(C, *block.shape)``.
+    block_shape : int or tuple of int
+        Core size per axis (clipped to the volume).
+    margin : int or tuple of int
+        Context read around each core (voxels per side).
+    out : array_like, optional
+        Where to write: shape ``volume.shape`` or ``(C, *volume.shape)``; default a new numpy
+        array of ``dtype`` (its channel count from ``out_channels`` or the first block).
+    out_channels : int, optional
+    dtype : numpy dtype
+        Of the array created when ``out`` is None.
+    progress : bool
+    desc : str
+
+    Returns
+    -------
+    ``out`` (or the new array)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import ndimage as ndi
+    >>> vol = np.random.default_rng(0).random((20, 30, 40)).astype(np.float32)
+    >>> res = blockwise(vol, lambda b: ndi.uniform_filter(b, 3), (8, 16, 16), margin=1, progress=False)
+    >>> bool(np.allclose(res, ndi.uniform_filter(vol, 3)))
+    True
+    """
+    from tqdm.auto import tqdm
+
+    shape = tuple(int(s) for s in np.shape(volume))
+    nd = len(shape)
+    if nd == 0 or min(shape) == 0:
+        raise ValueError(f"volume: expected a non-empty array, got shape {shape}")
+    grid = block_grid(shape, block_shape, margin)
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable block -> array, got {type(fn).__name__}")
+    if out is not None and tuple(np.shape(out))[-nd:] != shape:
+        raise ValueError(f"out: shape {tuple(np.shape(out))} does not end with the volume's shape {shape}")
+    for read, core, local in tqdm(grid, desc=desc, disable=not progress or len(grid) < 2):
+        res = np.asarray(fn(np.asarray(volume[read])))
+        rshape = tuple(r.stop - r.start for r in read)
+        if res.shape[-nd:] != rshape or res.ndim not in (nd, nd + 1):
+            raise ValueError(f"fn: returned shape {res.shape} for a block of shape {rshape}")
+        if out is None:
+            lead = () if res.ndim == nd else ((res.shape[0] if out_channels is None else int(out_channels)),)
+            out = np.zeros(lead + shape, dtype=dtype)
+        if np.ndim(out) != res.ndim:
+            raise ValueError(f"out: {np.ndim(out)}D, but fn returns {res.ndim}D blocks")
+        lead = (slice(None),) * (res.ndim - nd)
+        out[lead + core] = res[lead + local]
     return out
 
 
