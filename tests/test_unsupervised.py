@@ -261,3 +261,27 @@ def test_bool_images_are_taken_as_grey_values(small, fitted):
     assert U.otsu_segment(mask[10], 2).shape == (32, 32)
     with pytest.raises(ValueError, match=r"^images_or_volume: all values are equal \(False\)"):
         U.predict(fitted, np.zeros((16, 16), bool), progress=False)
+
+
+def test_soft_labels_give_hard_segmentations_to_the_crf():
+    lab = np.array([[0, 1], [2, 1]])
+    p = U.soft_labels(lab, 4, confidence=0.7)
+    assert p.shape == (4, 2, 2) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(0), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(p.argmax(0), lab)
+    with pytest.raises(ValueError, match=r"^n_classes"):
+        U.soft_labels(lab, 2)
+    with pytest.raises(ValueError, match=r"^confidence"):
+        U.soft_labels(lab, 3, confidence=0.2)
+    with pytest.raises(ValueError, match=r"^labels"):
+        U.soft_labels(lab - 1)
+    # a CRF on noisy hard labels of a clean two-region image removes the isolated errors
+    img = np.zeros((1, 32, 32), np.float32)
+    img[:, :, 16:] = 1.0
+    truth = (img > 0.5).astype(np.uint8)
+    noisy = truth.copy()
+    rng = np.random.default_rng(0)
+    flip = rng.random(truth.shape) < 0.05
+    noisy[flip] = 1 - noisy[flip]
+    refined = U.crf_refine(U.soft_labels(noisy, 2), img, method="torch")
+    assert (refined != truth).mean() < 0.5 * (noisy != truth).mean()

@@ -54,7 +54,7 @@ from ._validate import as_array, check_choice, check_positive, rng_from
 
 __all__ = [
     "Segmenter", "normalize", "train_backbone", "train_head", "fit_probe", "fit", "predict", "predict_proba",
-    "fit_predict", "crf_refine", "crf_available", "otsu_segment", "kmeans_segment", "filter_features",
+    "fit_predict", "crf_refine", "crf_available", "soft_labels", "otsu_segment", "kmeans_segment", "filter_features",
     "save_model", "load_model", "load_pretrained", "pretrained_path", "plot_clusters", "score_table",
 ]
 
@@ -1159,6 +1159,45 @@ def crf_refine(prob, image, *, method="auto", n_iter=5, sxy_gauss=1.5, w_gauss=1
         out = _crf_torch(p, img, n_iter, sxy_gauss, w_gauss, sxy_bilateral, s_intensity, w_bilateral, window,
                          dev, batch)
     return out[0] if is2d else out
+
+
+def soft_labels(labels, n_classes=None, confidence=0.8):
+    """Hard labels as probabilities ``(K, ...)``, so that :func:`crf_refine` can refine any segmentation.
+
+    Each voxel gets ``confidence`` for its label and the rest shared by the other classes: the
+    CRF may then move labels where the image says so. Used to give the classical baselines
+    (multi-Otsu, k-means) the same CRF refinement as the learned segmenter -- a like-for-like
+    comparison.
+
+    Parameters
+    ----------
+    labels : int array
+        Labels ``0..K-1``.
+    n_classes : int, optional
+        ``K``; default ``labels.max() + 1``.
+    confidence : float in (1/K, 1)
+
+    Returns
+    -------
+    ndarray float32 ``(K, *labels.shape)``
+
+    Examples
+    --------
+    >>> soft_labels(np.array([0, 2]), 3, confidence=0.8).astype(float).round(2).tolist()
+    [[0.8, 0.1], [0.1, 0.1], [0.1, 0.8]]
+    """
+    lab = as_array(labels, "labels")
+    if lab.dtype.kind not in "iub" or (lab.size and lab.min() < 0):
+        raise ValueError("labels: expected non-negative integer labels")
+    k = int(lab.max()) + 1 if n_classes is None else int(n_classes)
+    if k < 2 or k <= int(lab.max()):
+        raise ValueError(f"n_classes: {n_classes!r} is too small for labels up to {int(lab.max())} (need >= 2)")
+    confidence = float(confidence)
+    if not 1.0 / k < confidence < 1.0:
+        raise ValueError(f"confidence: must lie in (1/{k}, 1), got {confidence!r}")
+    p = np.full((k,) + lab.shape, (1.0 - confidence) / (k - 1), np.float32)
+    np.put_along_axis(p, lab[None].astype(np.int64), np.float32(confidence), axis=0)
+    return p
 
 
 # --------------------------------------------------------------------------------------
