@@ -176,3 +176,19 @@ def test_cli_bad_parameter_file_and_output_file_are_one_line_errors(good_nb, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: output_dir") and "notafolder.txt" in err and "\n" not in err
     assert a_file.read_text() == "mine"
+
+
+def test_relative_paths_in_parameters_are_read_from_where_the_command_runs(tmp_path, monkeypatch):
+    # `tomoml report notebooks/08_....ipynb -p fixed my_t0.tif` run in the data folder must find my_t0.tif
+    (tmp_path / "nbdir").mkdir()
+    nb = _notebook(tmp_path / "nbdir" / "reader.ipynb", body="print('done', open(label).read())")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "mine.txt").write_text("hello from the user's folder")
+    monkeypatch.chdir(data_dir)
+    r = run_report(nb, {"label": "mine.txt"}, "out", progress=False)
+    assert r.ok, r.error
+    assert "hello from the user's folder" in r.html.read_text()
+    assert (data_dir / "out" / "reader.ipynb").is_file()
+    with pytest.raises(ValueError, match=r"^cwd"):
+        run_report(nb, {}, "out", progress=False, cwd=tmp_path / "missing")

@@ -202,7 +202,7 @@ def _free_stem(out_dir: Path, base: str, overwrite: bool) -> str:
 
 def run_report(notebook, parameters: dict | None = None, output_dir="reports", *, kernel: str = "python3",
                html: bool = True, overwrite: bool = False, name: str | None = None,
-               timeout: float | None = None, progress: bool = True) -> Report:
+               timeout: float | None = None, progress: bool = True, cwd=None) -> Report:
     """Execute ``notebook`` with ``parameters`` and write the executed notebook and HTML.
 
     Parameters
@@ -226,6 +226,10 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
         Base name of the outputs (default: the notebook's stem).
     timeout : float, optional
         Per-cell timeout in seconds.
+    cwd : str or Path, optional
+        Working directory of the notebook's kernel; default the current one, so that
+        relative paths given as parameters (``-p fixed my_t0.tif``) are read from where the
+        command was run, as for ``output_dir``.
 
     Raises
     ------
@@ -258,6 +262,9 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
         listing = "\n".join(f"  {k} = {v['default']}" for k, v in declared.items()) or "  (none)"
         raise ValueError(f"parameters: unknown name(s) {', '.join(unknown)} for {nb_path.name}; "
                          f"its parameters are:\n{listing}")
+    run_dir = Path(os.getcwd() if cwd is None else cwd).resolve()
+    if not run_dir.is_dir():
+        raise ValueError(f"cwd: {run_dir} is not a folder")
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output_dir: {out_dir} exists and is not a folder; give a folder for the report files")
@@ -271,7 +278,7 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
         papermill.execute_notebook(str(nb_path), str(out_nb), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(nb_path.parent.resolve()), progress_bar=progress,
+                                   cwd=str(run_dir), progress_bar=progress,
                                    execution_timeout=timeout, report_mode=False)
     except PapermillExecutionError as exc:
         report.ok = False
