@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tomoml_nb import phantoms, tomo
+from tomoml_nb import data, phantoms, tomo
 
 
 def _mirror_dir() -> Path:
@@ -515,3 +515,32 @@ def test_center_outside_the_detector_and_constant_sinogram_are_refused():
     assert tomo.reconstruct(sino, th, center=31.0).shape == (32, 32)
     with pytest.raises(ValueError, match="^sinogram: all values are equal"):
         tomo.find_center(np.ones_like(sino), th)
+
+
+def test_bin_detector():
+    a = np.arange(14.0).reshape(2, 7)
+    np.testing.assert_allclose(tomo.bin_detector(a, 3), [[1.0, 4.0], [8.0, 11.0]])      # remainder dropped
+    assert tomo.bin_detector(a, 1) is not None and tomo.bin_detector(a, 1).shape == (2, 7)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"^factor"):
+            tomo.bin_detector(a, bad)
+    with pytest.raises(ValueError, match=r"^factor: 8 is larger"):
+        tomo.bin_detector(a, 8)
+
+
+@needs_tooth
+def test_read_line_integrals_of_a_raw_scan_matches_the_manual_chain():
+    lines, angles, rows = tomo.read_line_integrals(TOOTH, rows=1, binning=2)
+    assert lines.shape == (181, 1, 320) and rows == range(0, 1) and angles.max() < np.pi
+    scan = data.load("tomopy_tooth")
+    manual = tomo.minus_log(tomo.normalize(scan.projections, scan.flats, scan.darks))[:, :1]
+    np.testing.assert_allclose(lines, tomo.bin_detector(manual, 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(angles, scan.angles)
+    assert tomo.read_line_integrals(TOOTH, slice(1, 2))[2] == range(1, 2)
+    assert tomo.read_line_integrals(TOOTH, 10)[0].shape[1] == 2           # more rows than there are: all
+    with pytest.raises(ValueError, match=r"^rows"):
+        tomo.read_line_integrals(TOOTH, 0)
+    with pytest.raises(ValueError, match=r"^rows"):
+        tomo.read_line_integrals(TOOTH, slice(5, 9))
+    with pytest.raises(ValueError, match=r"^angles_unit"):
+        tomo.read_line_integrals(TOOTH, 1, angles_unit="radians")       # the tooth's theta is in degrees

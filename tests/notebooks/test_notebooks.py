@@ -2,7 +2,10 @@
 
 A notebook declares its smoke parameters in its metadata, under
 ``metadata["tomoml"]["smoke_parameters"]``; a new notebook is picked up by the glob
-below without editing this file.
+below without editing this file. A notebook whose "use your own data" section reads a file
+also declares ``metadata["tomoml"]["own_data_parameters"]``: it is run a second time (smoke
+size) with them, ``{data:NAME}`` standing for the local file of manifest entry NAME -- the
+path a user's report takes.
 """
 from __future__ import annotations
 
@@ -35,6 +38,40 @@ def test_notebook_runs_at_smoke_size(notebook, tmp_path):
     remote = re.findall(r"""<(?:script|link|img|iframe)[^>]*(?:src|href)=["']https?://[^"']*""", html)
     assert not remote, f"the report loads from the network: {remote[:3]}"
     print(f"{notebook.name}: {elapsed:.1f} s at smoke size")
+
+
+def _own_data(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    return nb.metadata.get("tomoml", {}).get("own_data_parameters")
+
+
+OWN_DATA = [p for p in NOTEBOOKS if _own_data(p)]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("notebook", OWN_DATA, ids=[p.stem for p in OWN_DATA])
+def test_notebook_runs_on_a_users_file(notebook, tmp_path, monkeypatch):
+    from tomoml_nb import data
+
+    nb = nbformat.read(notebook, as_version=4)
+    params = dict(nb.metadata["tomoml"].get("smoke_parameters", {}))
+    files = []
+    for k, v in nb.metadata["tomoml"]["own_data_parameters"].items():
+        m = re.fullmatch(r"\{data:([\w-]+)\}", str(v))
+        if m:
+            try:
+                v = str(data.path(m.group(1), download=False))
+            except data.DataError:
+                pytest.skip(f"{m.group(1)} is not in the local mirror")
+            files.append(Path(v).name)
+        params[k] = v
+    monkeypatch.chdir(tmp_path)                       # as a user would: somewhere else than notebooks/
+    report = run_report(notebook, params, "reports", progress=False, timeout=600)
+    assert report.ok, report.error
+    executed = nbformat.read(report.notebook, as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    missing = [f for f in files if f not in text]
+    assert not missing, f"the own-data section never named {missing}: was it skipped?"
 
 
 def test_there_are_notebooks():
