@@ -83,6 +83,11 @@ def main(argv=None):
     ap.add_argument("--patch", type=int, default=64, help="square patch size")
     ap.add_argument("--extra-train", type=int, default=0,
                     help="this many more training scans (seeds 106..., degradation and flux cycling)")
+    ap.add_argument("--extra-flux", type=float, nargs="+", default=[500.0, 1000.0, 2000.0],
+                    help="fluxes the --extra-train scans cycle through (repeat a value to weight it, e.g. "
+                         "500 500 1000 2000 for more low-dose scans)")
+    ap.add_argument("--val-flux", type=float, default=VAL[2],
+                    help="flux of the validation scan (seed 200) that --keep-best selects on")
     ap.add_argument("--name", default="msd_bone_implant",
                     help="file stem of the supervised model (msd_deep_bone_implant for the 100-layer GPU model)")
     ap.add_argument("--init", action="store_true",
@@ -101,9 +106,10 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    extra = [(106 + i, (0.2, 0.5, 0.8)[i % 3], (500.0, 1000.0, 2000.0)[(i // 3) % 3]) for i in range(args.extra_train)]
+    fluxes = args.extra_flux
+    extra = [(106 + i, (0.2, 0.5, 0.8)[i % 3], fluxes[(i // 3) % len(fluxes)]) for i in range(args.extra_train)]
     train = [scan(*p) for p in TRAIN + extra]
-    val = scan(*VAL)
+    val = scan(VAL[0], VAL[1], args.val_flux)
     print(f"simulated {len(train)} training scans in {time.perf_counter() - t0:.0f} s", flush=True)
     mask = val["mask"]
     base = dn.evaluate(val["reconstruction"], val["truth"], mask=mask)
@@ -129,6 +135,7 @@ def main(argv=None):
                    "n_train_scans": len(train), "device": str(args.device), "init": args.init, "depth": args.depth,
                    "context": args.context, "widen_from": args.widen_from, "lr": args.lr, "seconds": round(secs, 1),
                    "budget_s": args.budget_s, "keep_best": args.keep_best, "best": model.history.get("best"),
+                   "extra_flux": fluxes, "val_flux": args.val_flux,
                    "val_history": model.history.get("val"),
                    "val_fbp": base, "val": m, "final_loss": float(np.mean(model.history["loss"][-50:]))}
         (out_dir / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
