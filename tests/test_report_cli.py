@@ -192,3 +192,15 @@ def test_relative_paths_in_parameters_are_read_from_where_the_command_runs(tmp_p
     assert (data_dir / "out" / "reader.ipynb").is_file()
     with pytest.raises(ValueError, match=r"^cwd"):
         run_report(nb, {}, "out", progress=False, cwd=tmp_path / "missing")
+
+
+def test_a_bare_notebook_name_finds_the_tutorial_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("00_getting_started.ipynb", "00_getting_started"):
+        params = notebook_parameters(name)
+        assert "dataset" in params and "seed" in params
+    with pytest.raises(FileNotFoundError, match="tutorial notebooks"):
+        notebook_parameters("99_no_such_notebook.ipynb")
+    # A notebook of the user's own, with the same name as a tutorial, is the one used.
+    _notebook(tmp_path / "00_getting_started.ipynb")
+    assert list(notebook_parameters("00_getting_started.ipynb")) == ["n", "label"]

@@ -22,6 +22,8 @@ __all__ = ["ReportError", "Report", "notebook_parameters", "parse_value", "read_
            "export_html"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+#: The tutorial notebooks of a source checkout; a bare notebook name is looked up here.
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 class ReportError(RuntimeError):
@@ -41,6 +43,15 @@ class Report:
 
 def _check_notebook(notebook) -> Path:
     nb_path = Path(notebook)
+    if not nb_path.is_file() and len(nb_path.parts) == 1:
+        # A bare name ("04_semantic_segmentation" or "...ipynb") means one of the tutorial
+        # notebooks, wherever the command runs from.
+        shipped = NOTEBOOK_DIR / nb_path.with_suffix(".ipynb").name
+        if shipped.is_file():
+            nb_path = shipped
+        else:
+            raise FileNotFoundError(f"notebook: {nb_path} does not exist here nor among the tutorial "
+                                    f"notebooks in {NOTEBOOK_DIR}")
     if not nb_path.is_file():
         raise FileNotFoundError(f"notebook: {nb_path} does not exist")
     if nb_path.suffix != ".ipynb":
