@@ -113,11 +113,16 @@ zarr.open({src!r}, mode="w", shape=img.shape, chunks=(64, 64, 64), dtype="f4")[.
 """
 
 MEM_RUN = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, zarr
 sys.path.insert(0, {root!r})
 from tomoml_nb import segment
+def vm(key):  # from /proc: ru_maxrss would carry the parent's peak over fork + exec
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
 net = segment.load_pretrained()
+base = vm("VmRSS")
 t = time.perf_counter()
 if {mode!r} == "whole":
     lab, _ = segment.predict(np.load({npy!r}), net, progress=False)
@@ -127,7 +132,7 @@ else:
     dst = zarr.open({dst!r}, mode="w", shape=src.shape, chunks=(64, 64, 64), dtype="u1")
     segment.predict_blockwise(src, net, dst, progress=False)
 sec = time.perf_counter() - t
-print(json.dumps({{"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": sec}}))
+print(json.dumps({{"maxrss_mb": vm("VmHWM"), "base_mb": base, "seconds": sec}}))
 """
 
 
@@ -230,14 +235,20 @@ def main(argv=None):
               "`segment.predict` on a numpy volume vs `segment.predict_blockwise` (blocks (64, 256, 256), margin 32, "
               "the volume read from and the labels written to zarr arrays) with the shipped U-Net, three axes fused; "
               "phantom `bone_implant(n³, seed=7301, degradation=0.6, degradation_seed=95)`; peak resident memory of "
-              "a fresh process per run (`ru_maxrss`, includes Python, torch and the network, about 300 MB).", "",
+              f"a fresh process per run (`VmHWM` from /proc; it includes Python, torch and the loaded network, "
+              f"{min(r[m]['base_mb'] for _, r, _ in mem for m in r):.0f}–"
+              f"{max(r[m]['base_mb'] for _, r, _ in mem for m in r):.0f} MB before the prediction starts).", "",
               "| volume | whole: peak RSS (MB) | whole: s | block-wise: peak RSS (MB) | block-wise: s "
               "| labels equal |", "|---|---|---|---|---|---|"]
         L += [f"| {n}³ | {r['whole']['maxrss_mb']:.0f} | {r['whole']['seconds']:.0f} | "
               f"{r['blockwise']['maxrss_mb']:.0f} | {r['blockwise']['seconds']:.0f} | {100 * a:.3f} % |"
               for n, r, a in mem]
+        (n0, r0, _), (n1, r1, _) = mem[0], mem[-1]
         L += ["", "The whole-volume prediction keeps the volume and the per-axis probability maps in memory "
-              "(grows with the volume); the block-wise one holds one block with its margin (bounded by the block). "
+              "(grows with the volume); the block-wise one holds one block with its margin plus the zarr arrays' "
+              f"chunk buffers: from {n0}³ to {n1}³ ({(n1 / n0) ** 3:.0f}× the voxels) the whole-volume peak grows "
+              f"{r1['whole']['maxrss_mb'] / r0['whole']['maxrss_mb']:.1f}×, the block-wise one "
+              f"{r1['blockwise']['maxrss_mb'] / r0['blockwise']['maxrss_mb']:.1f}×. "
               "The block-wise run repeats the margins' work, so it is slower."]
     text = "\n".join(L) + "\n"
     out = HERE / "results" / "segmentation.md"
