@@ -39,6 +39,13 @@ and the same with two slices on each side, started from that 2.5D network (its w
     python scripts/train_msd.py --which supervised --depth 100 --context 2 \
         --widen-from msd_deep25d_bone_implant --steps 600 --batch 16 --lr 5e-4 --extra-train 12 \
         --budget-s 5000 --name msd_deep25d2_bone_implant
+
+continued (the shipped weights: runs 2-4 of its model card, each ``--init`` from the last; run 4
+weights the extra scans to the hardest dose and selects on the flux-500 validation scan)::
+
+    python scripts/train_msd.py --which supervised --depth 100 --context 2 --init --steps 600 \
+        --batch 16 --lr 2e-4 --extra-train 24 --extra-flux 500 500 1000 2000 --val-flux 500 \
+        --keep-best --budget-s 6000 --name msd_deep25d2_bone_implant --out DIR
 """
 from __future__ import annotations
 
