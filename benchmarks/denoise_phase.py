@@ -139,16 +139,19 @@ def bench_phase(n_iter, lines, size):
                      ("Paganin, titanium (65)", 65.0), (f"Paganin, tuned on validation ({best})", float(best))):
         out, s = timed(P.retrieve, te["intensity"], E, Z, PX, "paganin", delta_beta=db)
         rows.append((name, rmse(out, te), s))
-    out, s = timed(P.retrieve, te["intensity"], E, Z, PX, "physics", delta_beta=float(best), n_iter=n_iter,
-                   progress=False)
-    rows.append((f"physics-informed MSD generator ({n_iter} it, start {best})", rmse(out, te), s))
+    for ovs in (1, 2):
+        out, s = timed(P.retrieve, te["intensity"], E, Z, PX, "physics", delta_beta=float(best), n_iter=n_iter,
+                       oversample=ovs, progress=False)
+        grid_note = "forward model on the detector grid" if ovs == 1 else f"forward model on a {ovs}x grid, default"
+        rows.append((f"physics-informed MSD generator ({n_iter} it, start {best}; {grid_note})", rmse(out, te), s))
     lines += ["## Phase retrieval (mixed-material projection, 20 keV, 1 um, 5 cm, 1e4 photons)", "",
               f"Test phantom seed 21, {size} x {size}; phase range {te['phase'].min():.1f}..0 rad; "
-              f"Fresnel number {te['fresnel_number']:.2f}.", "",
+              f"Fresnel number {te['fresnel_number']:.2f}. Simulated on a 4x finer grid (the default of "
+              "`simulate_phase_contrast`), so no retrieval has the exact simulation model.", "",
               "| method | phase RMSE (rad) | seconds |", "|---|---|---|"]
     lines += [f"| {n} | {r:.3f} | {s:.1f} |" for n, r, s in rows]
     lines += [""]
-    return rows[3][1], rows[4][1]
+    return rows[3][1], rows[5][1]
 
 
 def main(argv=None):

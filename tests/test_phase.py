@@ -95,6 +95,29 @@ def test_physics_retrieval_runs_fits_the_data_and_is_deterministic():
     assert r1["phase"].shape == (32, 32)
 
 
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_physics_forward_model_equals_the_simulator_at_the_same_oversampling(s):
+    import torch
+    ph = P.mixed_material_phantom((24, 24, 40), E, PX, seed=3)
+    sim = P.simulate_phase_contrast(ph["delta"], ph["beta"], E, Z, PX, oversample=s)
+    model = P._Physics(sim["phase"].shape, E, Z, PX, "edge", 2.0, "cpu", s)
+    out = model(torch.from_numpy(sim["phase"]), torch.from_numpy(sim["attenuation"])).numpy()
+    assert out.shape == (24, 40)
+    assert np.abs(out - sim["intensity"]).max() < 1e-3
+    if s == 1:   # and the detector grid alone is far from a finely sampled image at the metal edges
+        fine = P.simulate_phase_contrast(ph["delta"], ph["beta"], E, Z, PX, oversample=4)["intensity"]
+        assert np.abs(out - fine).max() > 10 * np.abs(model.__class__(
+            (24, 40), E, Z, PX, "edge", 2.0, "cpu", 2)(torch.from_numpy(sim["phase"]),
+                                                        torch.from_numpy(sim["attenuation"])).numpy() - fine).max()
+
+
+def test_physics_retrieval_rejects_a_bad_oversample():
+    img = np.ones((32, 32))
+    for bad in (0, 2.5, True, 9):
+        with pytest.raises(ValueError, match="oversample"):
+            P.retrieve(img, E, Z, PX, "physics", n_iter=1, oversample=bad, progress=False)
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(energy_kev=0), "energy_kev"), (dict(energy_kev=-5), "energy_kev"), (dict(energy_kev=1000), "energy_kev"),
     (dict(distance_m=0), "distance_m"), (dict(distance_m=-1), "distance_m"), (dict(distance_m=500), "distance_m"),
