@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from tomoml_nb import data, dvc, metrics, phantoms  # noqa: E402
 
+from _memory import peak_mb  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 TUNING = RESULTS / "dvc_tuning.json"
 NOISE = 0.03
@@ -136,27 +138,17 @@ def parse_log(path):
     return res, scal
 
 
-def _hwm_mb():
-    """Peak resident memory of this process image (VmHWM; unlike ru_maxrss it restarts at exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def scaling_child(method, size):
     """Run in a fresh process: seconds and peak-memory growth of one call."""
     f = np.load(Path(_pair_dir()) / f"f{size}.npy")
     m = np.load(Path(_pair_dir()) / f"m{size}.npy")
     dvc.estimate_displacement(f[:16, :16, :16], m[:16, :16, :16], method, progress=False,
                               **({"patch_shape": 16, "overlap": 4} if method == "volraft" else {}))  # warm-up
-    base = _hwm_mb()
+    base = peak_mb()
     t = time.perf_counter()
     dvc.estimate_displacement(f, m, method, progress=False)
     dt = time.perf_counter() - t
-    peak = _hwm_mb()
+    peak = peak_mb()
     print(json.dumps({"seconds": dt, "peak_mb": peak - base, "rss_mb": peak}))
 
 

@@ -20,7 +20,8 @@ baseline, and the true labels cut into tiles (an oracle labeller: any loss of ac
 is then the stitching's own). Time = median of ``--repeats`` runs
 (wall clock, this machine). Peak memory: a fresh subprocess per volume size reads the
 volume from a zarr array, segments it tile by tile into a zarr array, and reports
-``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
+its peak resident memory (``VmHWM``, see ``benchmarks/_memory.py``; results made before
+2026-12-08 used ``ru_maxrss``, an upper bound that includes the parent's peak).
 
 Writes ``benchmarks/results/instance.md`` and prints it.
 """
@@ -30,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -131,17 +131,18 @@ def timed(fn, repeats):
 
 
 MEM_CHILD = r"""
-import resource, sys, time, json
+import sys, time, json
 import numpy as np, zarr
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {bench!r}]
 from tomoml_nb import instance
+from _memory import peak_mb   # VmHWM: ru_maxrss would carry the parent's peak over fork + exec
 src = zarr.open({src!r}, mode="r")
 dst = zarr.open({dst!r}, mode="w", shape=src.shape, chunks=(64, 64, 64), dtype="i4")
 t = time.perf_counter()
 instance.segment_instances(src, "pretrained", tile_shape={tile!r}, out=dst, device="cpu", progress=False)
 sec = time.perf_counter() - t
 lab = dst[...] if src.shape[0] <= 256 else None
-print(json.dumps({{"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": sec,
+print(json.dumps({{"maxrss_mb": peak_mb(), "seconds": sec,
                   "n_labels": int(lab.max()) if lab is not None else None}}))
 """
 
@@ -166,7 +167,8 @@ def memory_run(n, tile, tmp, seed):
     subprocess.run([sys.executable, "-c", MAKE_CHILD.format(root=str(ROOT), seed=seed, n=n, path=path)],
                    check=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    res = subprocess.run([sys.executable, "-c", MEM_CHILD.format(root=str(ROOT), src=path,
+    res = subprocess.run([sys.executable, "-c", MEM_CHILD.format(root=str(ROOT), bench=str(ROOT / "benchmarks"),
+                                                                 src=path,
                                                                  dst=os.path.join(tmp, f"lab{n}.zarr"),
                                                                  tile=tuple(tile))],
                          check=True, capture_output=True, text=True, env=env)

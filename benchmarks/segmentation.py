@@ -115,14 +115,11 @@ zarr.open({src!r}, mode="w", shape=img.shape, chunks=(64, 64, 64), dtype="f4")[.
 MEM_RUN = r"""
 import json, sys, time
 import numpy as np, zarr
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {bench!r}]
 from tomoml_nb import segment
-def vm(key):  # from /proc: ru_maxrss would carry the parent's peak over fork + exec
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
+from _memory import current_mb, peak_mb   # VmRSS / VmHWM: ru_maxrss would carry the parent's peak
 net = segment.load_pretrained()
-base = vm("VmRSS")
+base = current_mb()
 t = time.perf_counter()
 if {mode!r} == "whole":
     lab, _ = segment.predict(np.load({npy!r}), net, progress=False)
@@ -132,8 +129,14 @@ else:
     dst = zarr.open({dst!r}, mode="w", shape=src.shape, chunks=(64, 64, 64), dtype="u1")
     segment.predict_blockwise(src, net, dst, progress=False)
 sec = time.perf_counter() - t
-print(json.dumps({{"maxrss_mb": vm("VmHWM"), "base_mb": base, "seconds": sec}}))
+print(json.dumps({{"maxrss_mb": peak_mb(), "base_mb": base, "seconds": sec}}))
 """
+
+
+def _mb_range(values):
+    """'393 MB' when all values round alike, else '390–396 MB'."""
+    lo, hi = round(min(values)), round(max(values))
+    return f"{lo} MB" if lo == hi else f"{lo}–{hi} MB"
 
 
 def memory(sizes):
@@ -151,8 +154,8 @@ def memory(sizes):
             res = {}
             for mode in ("whole", "blockwise"):
                 print(f"memory: {n}^3 {mode} ...", flush=True)
-                out = subprocess.run([sys.executable, "-c", MEM_RUN.format(root=root, mode=mode, **f)], check=True,
-                                     capture_output=True, text=True)
+                out = subprocess.run([sys.executable, "-c", MEM_RUN.format(root=root, bench=str(HERE), mode=mode, **f)],
+                                     check=True, capture_output=True, text=True)
                 res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             agree = float((np.load(f["lab"]) == zarr.open(f["dst"], mode="r")[...]).mean())
             rows.append((n, res, agree))
@@ -236,8 +239,7 @@ def main(argv=None):
               "the volume read from and the labels written to zarr arrays) with the shipped U-Net, three axes fused; "
               "phantom `bone_implant(n³, seed=7301, degradation=0.6, degradation_seed=95)`; peak resident memory of "
               f"a fresh process per run (`VmHWM` from /proc; it includes Python, torch and the loaded network, "
-              f"{min(r[m]['base_mb'] for _, r, _ in mem for m in r):.0f}–"
-              f"{max(r[m]['base_mb'] for _, r, _ in mem for m in r):.0f} MB before the prediction starts).", "",
+              f"{_mb_range([r[m]['base_mb'] for _, r, _ in mem for m in r])} before the prediction starts).", "",
               "| volume | whole: peak RSS (MB) | whole: s | block-wise: peak RSS (MB) | block-wise: s "
               "| labels equal |", "|---|---|---|---|---|---|"]
         L += [f"| {n}³ | {r['whole']['maxrss_mb']:.0f} | {r['whole']['seconds']:.0f} | "
