@@ -4,7 +4,7 @@ import nbformat
 import pytest
 
 from tomoml_nb import cli
-from tomoml_nb.report import export_html, notebook_parameters, parse_value, run_report
+from tomoml_nb.report import NOTEBOOK_DIR, export_html, notebook_parameters, parse_value, run_report
 
 
 def _notebook(path, body="print('done', n * 2)"):
@@ -52,6 +52,13 @@ def test_report_writes_notebook_and_offline_html(good_nb, tmp_path):
 def test_unknown_parameter_lists_the_notebook_parameters(good_nb, tmp_path):
     with pytest.raises(ValueError, match=r"(?s)unknown name\(s\) bogus.*n = 1"):
         run_report(good_nb, {"bogus": 1}, tmp_path, progress=False)
+
+
+def test_an_old_parameter_name_gets_a_did_you_mean(tmp_path):
+    # the own-data parameters were renamed to own_* (my_volume -> own_volume)
+    nb = NOTEBOOK_DIR / "06_instance_segmentation.ipynb"
+    with pytest.raises(ValueError, match=r"unknown name\(s\) my_volume .*did you mean my_volume -> own_volume\?"):
+        run_report(nb, {"my_volume": "scan.tif"}, tmp_path, progress=False)
 
 
 def test_failing_cell_is_reported_with_its_source(tmp_path):
@@ -179,7 +186,7 @@ def test_cli_bad_parameter_file_and_output_file_are_one_line_errors(good_nb, tmp
 
 
 def test_relative_paths_in_parameters_are_read_from_where_the_command_runs(tmp_path, monkeypatch):
-    # `tomoml report notebooks/08_....ipynb -p fixed my_t0.tif` run in the data folder must find my_t0.tif
+    # `tomoml report notebooks/08_....ipynb -p own_fixed my_t0.tif` run in the data folder must find my_t0.tif
     (tmp_path / "nbdir").mkdir()
     nb = _notebook(tmp_path / "nbdir" / "reader.ipynb", body="print('done', open(label).read())")
     data_dir = tmp_path / "data"

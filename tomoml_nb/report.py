@@ -239,7 +239,7 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
         Per-cell timeout in seconds.
     cwd : str or Path, optional
         Working directory of the notebook's kernel; default the current one, so that
-        relative paths given as parameters (``-p fixed my_t0.tif``) are read from where the
+        relative paths given as parameters (``-p own_fixed my_t0.tif``) are read from where the
         command was run, as for ``output_dir``.
 
     Raises
@@ -270,8 +270,13 @@ def run_report(notebook, parameters: dict | None = None, output_dir="reports", *
     declared = notebook_parameters(nb_path)
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
+        import difflib
+
         listing = "\n".join(f"  {k} = {v['default']}" for k, v in declared.items()) or "  (none)"
-        raise ValueError(f"parameters: unknown name(s) {', '.join(unknown)} for {nb_path.name}; "
+        hints = [f"{k} -> {close[0]}" for k in unknown for close in [difflib.get_close_matches(k, declared, 1, 0.6)]
+                 if close]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ValueError(f"parameters: unknown name(s) {', '.join(unknown)} for {nb_path.name}{hint}; "
                          f"its parameters are:\n{listing}")
     run_dir = Path(os.getcwd() if cwd is None else cwd).resolve()
     if not run_dir.is_dir():

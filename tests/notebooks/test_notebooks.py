@@ -5,7 +5,8 @@ A notebook declares its smoke parameters in its metadata, under
 below without editing this file. A notebook whose "use your own data" section reads a file
 also declares ``metadata["tomoml"]["own_data_parameters"]``: it is run a second time (smoke
 size) with them, ``{data:NAME}`` standing for the local file of manifest entry NAME -- the
-path a user's report takes.
+path a user's report takes -- and ``{made:FILE}`` for a file that :data:`MADE` writes (for
+kinds of data no manifest entry has, e.g. a flat-fielded phase-contrast projection).
 """
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ import nbformat
 import pytest
 
 from tomoml_nb.report import run_report
+
+def _phase_projection(path):
+    """A near-field image as a beamline would save it: flat-fielded, float32 TIFF, 64 x 64."""
+    import tifffile
+
+    from tomoml_nb import phase as P
+
+    ph = P.mixed_material_phantom((64, 64, 64), 20.0, 1e-6, seed=5)
+    sim = P.simulate_phase_contrast(ph["delta"], ph["beta"], 20.0, 0.05, 1e-6, flux=1e4, seed=5)
+    tifffile.imwrite(path, sim["intensity"])
+
+
+MADE = {"phase_projection.tif": _phase_projection}
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -57,6 +71,12 @@ def test_notebook_runs_on_a_users_file(notebook, tmp_path, monkeypatch):
     params = dict(nb.metadata["tomoml"].get("smoke_parameters", {}))
     files = []
     for k, v in nb.metadata["tomoml"]["own_data_parameters"].items():
+        made = re.fullmatch(r"\{made:([\w.-]+)\}", str(v))
+        if made:
+            v = tmp_path / made.group(1)
+            MADE[made.group(1)](v)
+            files.append(v.name)
+            v = v.name                                # relative: read from the folder the report runs in
         m = re.fullmatch(r"\{data:([\w-]+)\}", str(v))
         if m:
             try:
