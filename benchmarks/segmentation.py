@@ -154,8 +154,8 @@ def memory(sizes):
             res = {}
             for mode in ("whole", "blockwise"):
                 print(f"memory: {n}^3 {mode} ...", flush=True)
-                out = subprocess.run([sys.executable, "-c", MEM_RUN.format(root=root, bench=str(HERE), mode=mode, **f)],
-                                     check=True, capture_output=True, text=True)
+                script = MEM_RUN.format(root=root, bench=str(HERE), mode=mode, **f)
+                out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
                 res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             agree = float((np.load(f["lab"]) == zarr.open(f["dst"], mode="r")[...]).mean())
             rows.append((n, res, agree))

@@ -138,6 +138,14 @@ def _check_flat_fielded(img, name="intensity"):
                          f"tomo.normalize(projections, flats, darks)")
 
 
+def _check_oversample(oversample, maximum=None):
+    bad = isinstance(oversample, bool) or not isinstance(oversample, numbers.Integral) or oversample < 1
+    if bad or (maximum is not None and oversample > maximum):
+        bounds = ">= 1" if maximum is None else f"1-{maximum}"
+        raise ValueError(f"oversample: must be an integer {bounds}, got {oversample!r}")
+    return int(oversample)
+
+
 def _check_pixel(pixel_size_m, name="pixel_size_m"):
     check_positive(pixel_size_m, name)
     if not 1e-9 <= pixel_size_m <= 1e-3:
@@ -364,8 +372,7 @@ def simulate_phase_contrast(delta, beta, energy_kev, distance_m, pixel_size_m, *
     pb = _projected(beta, "beta", thickness_m, pixel_size_m)
     if pd.shape != pb.shape:
         raise ValueError(f"beta: shape {pb.shape} differs from delta's {pd.shape}")
-    if isinstance(oversample, bool) or not isinstance(oversample, numbers.Integral) or oversample < 1:
-        raise ValueError(f"oversample: must be an integer >= 1, got {oversample!r}")
+    oversample = _check_oversample(oversample)
     check_positive(detector_blur, "detector_blur", allow_zero=True)
     if flux is not None:
         check_positive(flux, "flux")
@@ -511,8 +518,8 @@ def paganin(intensity, energy_kev, distance_m, pixel_size_m, delta_beta, pad="ed
 
 
 class _Physics:
-    """Differentiable forward model on the detector grid: maps (phase, attenuation) to
-    intensity with the same padding as :func:`fresnel_propagate` (torch FFT). With
+    """Differentiable forward model: maps (phase, attenuation) on the detector grid to
+    detector intensity with the same padding as :func:`fresnel_propagate` (torch FFT). With
     ``oversample`` s > 1 the padded maps are upsampled bilinearly to a grid s times finer,
     propagated there and the intensity is averaged over each s x s block -- a detector
     pixel integrates the intensity over its area, which matters where the phase changes
@@ -653,8 +660,8 @@ def retrieve(intensity, energy_kev, distance_m, pixel_size_m, method="paganin", 
         start, not a better data term, is what is missing.
     oversample : int
         Physics method: the forward model propagates on a grid this many times finer
-        than the detector and averages the intensity over each pixel (1 = detector grid,
-        4x faster, much less accurate at strong phase edges).
+        than the detector and averages the intensity over each pixel (1 = detector grid:
+        a quarter of the pixels to propagate, much less accurate at strong phase edges).
     delta_beta : float, optional
         Paganin's delta/beta (required for ``"paganin"``), or the starting value for
         ``"physics"``.
@@ -728,12 +735,11 @@ def retrieve(intensity, energy_kev, distance_m, pixel_size_m, method="paganin", 
         raise ValueError(f"delta_beta_range: expected 0 < low < high, got {delta_beta_range!r}")
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
         raise ValueError(f"depth: must be an integer >= 1, got {depth!r}")
-    if isinstance(oversample, bool) or not isinstance(oversample, numbers.Integral) or not 1 <= oversample <= 8:
-        raise ValueError(f"oversample: must be an integer 1-8, got {oversample!r}")
+    oversample = _check_oversample(oversample, maximum=8)
     phi, att, model, ratio, hist = _physics_retrieve(
         img, energy_kev, distance_m, pixel_size_m, delta_beta, n_iter=n_iter, lr=lr, tv_ratio=tv_ratio,
         tv_attenuation=tv_attenuation, delta_beta_range=(lo, hi), depth=int(depth), pad=pad,
-        pad_factor=pad_factor, oversample=int(oversample), device=device, seed=seed, progress=progress)
+        pad_factor=pad_factor, oversample=oversample, device=device, seed=seed, progress=progress)
     if not full_output:
         return phi
     return {"phase": phi, "attenuation": att, "model_intensity": model, "delta_beta_map": ratio, "loss": hist,
